@@ -1,0 +1,378 @@
+"""Tests of gorp.py and train_cl.py: reference equivalence and invariants, on CPU, in seconds.
+Run: python -m pytest -q test_gorp.py"""
+
+import io
+import json
+import os
+import struct
+
+import pytest
+import torch
+
+import gorp
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared")
+if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):  # offline machines: tiktoken's files from shared/
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
+
+TINY = gorp.GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=16)
+
+
+def tiny_model(seed=0, lora=True):
+    torch.manual_seed(seed)
+    model = gorp.GPT(TINY)
+    if lora:
+        gorp.inject_lora(model, r"attn\.c_attn$", r=4, alpha=8)
+    return model
+
+
+def batch(seed=0, B=4, T=12):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, TINY.vocab_size, (B, T), generator=g)
+    return idx, torch.roll(idx, -1, dims=1)
+
+
+def power_law(m, n, decay=1.0, seed=0):
+    """A random (m, n) matrix with singular values i^-decay."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
+    return U * torch.arange(1, k + 1).float().pow(-decay) @ V.t()
+
+
+def captured(A, Q):
+    return (Q.t() @ A).pow(2).sum()
+
+
+def is_orthonormal(Q, tol=1e-5):
+    return torch.allclose(Q.t() @ Q, torch.eye(Q.size(1)), atol=tol)
+
+
+# --- the optimizer's plain group is AdamW
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_plain_group_matches_adamw(weight_decay):
+    torch.manual_seed(0)
+    ours, ref = torch.nn.Linear(8, 5), torch.nn.Linear(8, 5)
+    ref.load_state_dict(ours.state_dict())
+    kw = dict(lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay)
+    opt_ours, opt_ref = gorp.GORP(ours.parameters(), **kw), torch.optim.AdamW(ref.parameters(), **kw)
+    for step in range(10):
+        x = torch.randn(16, 8)
+        for model, opt in ((ours, opt_ours), (ref, opt_ref)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        for p, q in zip(ours.parameters(), ref.parameters()):
+            assert torch.allclose(p, q, atol=1e-6, rtol=0), f"diverged at step {step}"
+
+
+# --- the projector
+
+
+@pytest.mark.parametrize("shape,right", [((30, 10), True), ((10, 30), False), ((20, 20), True)])
+def test_projector_side_and_orthonormal(shape, right):
+    assert gorp.projects_right(shape) == right
+    opt_param = torch.nn.Parameter(torch.randn(*shape))
+    opt = gorp.GORP([dict(params=[opt_param], rank=4, update_proj_gap=5)], lr=1e-3)
+    opt_param.grad = torch.randn(*shape)
+    opt.step()
+    state = opt.state[opt_param]
+    assert state["proj_right"] == right
+    P = state["proj"]
+    assert P.shape == ((4, shape[1]) if right else (shape[0], 4))
+    assert is_orthonormal(P.t() if right else P)
+    assert state["exp_avg"].shape == ((shape[0], 4) if right else (4, shape[1]))
+
+
+def test_rank_at_or_above_min_dim_is_clamped():
+    A = torch.randn(6, 40)
+    for r in (6, 7, 100):
+        Q = gorp.top_r_basis(A, r)
+        assert Q.shape == (6, 6) and is_orthonormal(Q)
+    p = torch.nn.Parameter(torch.randn(6, 40))
+    opt = gorp.GORP([dict(params=[p], rank=50, update_proj_gap=5)], lr=1e-3)
+    p.grad = torch.randn(6, 40)
+    opt.step()
+    assert torch.isfinite(p).all() and opt.state[p]["proj"].shape == (6, 6)
+
+
+@pytest.mark.parametrize("shape", [(128, 512), (512, 96)])
+@pytest.mark.parametrize("r", [4, 8])
+def test_hand_rolled_captures_exact_energy_on_power_law(shape, r):
+    A = power_law(*shape, decay=0.5)  # a slow decay: the hard case for a sketch
+    ours, exact = gorp.top_r_basis(A, r), gorp.top_r_basis(A, r, exact=True)
+    assert is_orthonormal(ours)
+    assert captured(A, ours) >= 0.99 * captured(A, exact)
+
+
+def test_hand_rolled_captures_exact_energy_on_real_gradient():
+    torch.manual_seed(0)
+    model = gorp.GPT(gorp.GPTConfig(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=64))
+    idx, targets = batch(B=8, T=32)
+    model(idx, targets)[1].backward()
+    for name, p in model.named_parameters():
+        if name.endswith(("c_fc.weight", "c_attn.weight")):
+            G = p.grad.t() if gorp.projects_right(p.shape) else p.grad
+            ours, exact = gorp.top_r_basis(G, 8), gorp.top_r_basis(G, 8, exact=True)
+            assert captured(G, ours) >= 0.99 * captured(G, exact), name
+
+
+def test_projector_survives_nan_gradient():
+    A = torch.randn(40, 20)
+    A[3, 4], A[5, 6] = float("nan"), float("inf")
+    for exact in (False, True):
+        Q = gorp.top_r_basis(A, 4, exact=exact)
+        assert torch.isfinite(Q).all() and is_orthonormal(Q)
+
+
+# --- the shared space keeps updates off old directions
+
+
+def random_space(d, k, seed=1):
+    return torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed)))[0]
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
+def test_full_rank_update_avoids_shared_space(shape):
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(*shape))
+    opt = gorp.GORP([dict(params=[W], rank=4, update_proj_gap=3, shared_space=True)], lr=1e-2)
+    right = gorp.projects_right(shape)
+    S = random_space(max(shape), 5)  # the m side of a right-projected W, the n side of a left one
+    opt.load_shared_spaces({W: S})
+    for _ in range(7):  # crosses two projector refreshes
+        before = W.detach().clone()
+        W.grad = torch.randn(*shape)
+        opt.step()
+        update = W.detach() - before  # (m, n)
+        cols = update if right else update.t()  # vectors of S's side
+        assert (S.t() @ cols).norm() / update.norm() < 1e-5
+
+
+def test_lora_A_update_avoids_shared_space():
+    model = tiny_model()
+    groups = gorp.param_groups(model, lr=1e-2, shared_space=True)
+    opt = gorp.GORP(groups)
+    A_params = [m.lora_A for _, m in gorp.lora_modules(model)]
+    opt.load_shared_spaces({A: random_space(A.size(1), 6) for A in A_params})
+    idx, targets = batch()
+    for step in range(4):  # A's gradient is zero while B is: its first update is zero too
+        before = [A.detach().clone() for A in A_params]
+        opt.zero_grad()
+        model(idx, targets)[1].backward()
+        opt.step()
+        for A, b in zip(A_params, before):
+            update = A.detach() - b  # (r, d_in)
+            S = opt.state[A]["space"]
+            assert step == 0 or update.norm() > 0
+            assert step == 0 or (update @ S).norm() / update.norm() < 1e-5
+
+
+# --- growth of the shared space (GPM's energy rule)
+
+
+def test_grow_space_energy_rule_and_orthonormal():
+    M = power_law(40, 8, decay=1.0)
+    S = gorp.grow_space(None, M, 0.9)
+    k = S.size(1)
+    assert is_orthonormal(S)
+    assert captured(M, S) >= 0.9 * M.pow(2).sum() - 1e-6
+    U = torch.linalg.svd(M, full_matrices=False)[0]
+    assert captured(M, U[:, : k - 1]) < 0.9 * M.pow(2).sum()  # the fewest directions that reach it
+    # a second task: the new space still captures eps of the new moment, and holds the old one
+    M2 = power_law(40, 8, decay=1.0, seed=7)
+    S2 = gorp.grow_space(S, M2, 0.9)
+    assert is_orthonormal(S2) and S2.size(1) > k
+    assert captured(M2, S2) >= 0.9 * M2.pow(2).sum() - 1e-6
+    assert torch.allclose(S2 @ (S2.t() @ S), S, atol=1e-5)
+
+
+def test_grow_space_adds_nothing_twice_and_never_exceeds_dim():
+    M = power_law(40, 8)
+    S = gorp.grow_space(None, M, 0.9)
+    assert gorp.grow_space(S, 3.0 * M, 0.9).size(1) == S.size(1)  # the same directions again
+    S = None
+    with pytest.warns(UserWarning, match="full"):
+        for seed in range(12):
+            S = gorp.grow_space(S, power_law(10, 6, seed=seed), 0.999)
+    assert S.shape == (10, 10) and is_orthonormal(S)
+
+
+def test_optimizer_grows_space_from_first_moment():
+    model = tiny_model()
+    opt = gorp.GORP(gorp.param_groups(model, lr=1e-2, full_rank=r"mlp\.c_fc", rank=4, shared_space=True))
+    idx, targets = batch()
+    for _ in range(3):
+        opt.zero_grad()
+        model(idx, targets)[1].backward()
+        opt.step()
+    sizes = opt.grow_shared_space(0.9)
+    W = model.transformer.h[0].mlp.c_fc.weight  # (64, 16): right-projected, space on the 64 side
+    A = model.transformer.h[0].attn.c_attn.lora_A  # (4, 16): space on the 16 input side
+    assert opt.state[W]["space"].size(0) == 64 and opt.state[A]["space"].size(0) == 16
+    assert 1 <= sizes[W] <= 4 and 1 <= sizes[A] <= 4
+    M = opt.state[W]["exp_avg"]
+    assert captured(M, opt.state[W]["space"]) >= 0.9 * M.pow(2).sum() - 1e-6
+
+
+# --- LoRA
+
+
+def test_lora_starts_as_base_model_and_merge_is_exact():
+    base = tiny_model(lora=False)
+    model = tiny_model(lora=False)
+    names = gorp.inject_lora(model, r"attn\.c_attn$", r=4, alpha=8)
+    assert names == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    idx, _ = batch()
+    logits = lambda m: m(idx, targets=torch.zeros_like(idx))[0]  # all positions
+    assert torch.equal(logits(base), logits(model))  # B = 0: exactly the base model
+    for _, m in gorp.lora_modules(model):
+        torch.nn.init.normal_(m.lora_B)
+    unmerged = logits(model)
+    assert not torch.allclose(unmerged, logits(base))
+    gorp.end_task(model)  # merge, keep A, fresh adapter
+    assert torch.allclose(logits(model), unmerged, atol=1e-5)
+    for _, m in gorp.lora_modules(model):
+        assert m.old_A.shape == (4, 16) and torch.all(m.lora_B == 0)
+
+
+def test_olora_penalty_is_zero_for_orthogonal_A():
+    model = tiny_model()
+    assert gorp.olora_penalty(model) is None  # no finished task yet
+    gorp.end_task(model)
+    m = gorp.lora_modules(model)[0][1]
+    with torch.no_grad():
+        for _, mod in gorp.lora_modules(model):
+            Q = torch.linalg.qr(torch.randn(16, 8))[0]  # 8 orthonormal columns: 4 old, 4 new
+            mod.old_A.copy_(Q[:, :4].t())
+            mod.lora_A.copy_(Q[:, 4:].t())
+    assert gorp.olora_penalty(model).item() < 1e-5
+    with torch.no_grad():
+        m.lora_A.copy_(m.old_A)
+    assert gorp.olora_penalty(model).item() > 1.0
+
+
+# --- loading GPT-2 checkpoints in the Hugging Face layout
+
+
+def write_hf_checkpoint(folder, model, fmt):
+    """Write `model` as Hugging Face's GPT2LMHeadModel would: Conv1D weights (in, out),
+    the attention's mask buffers, and config.json."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        name = k.replace("transformer.", "", 1)
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            v = v.t()
+        sd["transformer." + name if fmt == "bin" else name] = v.contiguous()
+    for i in range(model.config.n_layer):
+        sd[f"h.{i}.attn.bias"] = torch.ones(1, 1, 4, 4)
+    cfg = model.config
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(dict(n_positions=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
+                       n_head=cfg.n_head, n_embd=cfg.n_embd, model_type="gpt2"), f)
+    if fmt == "bin":
+        torch.save(sd, os.path.join(folder, "pytorch_model.bin"))
+        return
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in sd.items():
+        data = t.float().numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_from_pretrained_loads_hf_layout(tmp_path, fmt):
+    model = tiny_model(seed=3, lora=False)
+    write_hf_checkpoint(tmp_path / "gpt2-tiny", model, fmt)
+    loaded = gorp.GPT.from_pretrained(str(tmp_path / "gpt2-tiny"))
+    assert loaded.config == model.config
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    idx, targets = batch()
+    assert torch.equal(model(idx, targets)[1], loaded(idx, targets)[1])
+
+
+def test_from_pretrained_errors(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        gorp.GPT.from_pretrained(str(tmp_path / "nowhere"))
+    monkeypatch.setenv("GORP_MODELS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="gpt2-medium"):
+        gorp.GPT.from_pretrained("gpt2-medium")
+    folder = tmp_path / "bad"
+    write_hf_checkpoint(folder, tiny_model(lora=False), "safetensors")
+    with open(folder / "model.safetensors", "r+b") as f:
+        f.write(struct.pack("<Q", 10 ** 12))  # a header length no file has
+    with pytest.raises(ValueError, match="not a valid safetensors"):
+        gorp.GPT.from_pretrained(str(folder))
+    os.remove(folder / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="neither"):
+        gorp.GPT.from_pretrained(str(folder))
+    with pytest.raises(KeyError, match="unknown key"):
+        gorp.gpt2_to_gorp({"wte.weight": torch.zeros(2, 2), "h.0.attn.q_proj.weight": torch.zeros(2, 2)})
+
+
+# --- checkpoints of the optimizer, and learning at all
+
+
+def train_steps(model, opt, n, seed=0):
+    losses = []
+    for step in range(n):
+        idx, targets = batch(seed=seed)
+        opt.zero_grad()
+        loss = model(idx, targets)[1]
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def gorp_optimizer(model, lr=1e-2):
+    return gorp.GORP(gorp.param_groups(model, lr=lr, full_rank=r"mlp\.c_fc", full_rank_lr=lr, rank=4,
+                                       update_proj_gap=3, shared_space=True))
+
+
+def test_state_dict_round_trip_resumes_bit_identical():
+    model = tiny_model()
+    opt = gorp_optimizer(model)
+    train_steps(model, opt, 4)
+    opt.grow_shared_space(0.9)  # so the state holds shared spaces too
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    reference = train_steps(model, opt, 5, seed=10)  # crosses a projector refresh
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model2 = tiny_model(seed=99)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = gorp_optimizer(model2)
+    opt2.load_state_dict(ckpt["opt"])
+    assert train_steps(model2, opt2, 5, seed=10) == reference
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+
+
+def test_twenty_gorp_steps_lower_the_loss():
+    model = tiny_model()
+    # the head is the frozen, tied wte: give it the range a pretrained model's has
+    torch.nn.init.normal_(model.transformer.wte.weight, std=0.5)
+    losses = train_steps(model, gorp_optimizer(model, lr=3e-2), 20)
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_generate_with_cache_matches_recompute():
+    model = tiny_model()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+    cached = model.generate(prompts, 8, stop_token=5)
+    assert cached == model.generate(prompts, 8, stop_token=5, use_cache=False)
+    for p, row in zip(prompts, cached):  # left padding changes nothing
+        assert model.generate([p], 8, stop_token=5) == [row]
