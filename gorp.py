@@ -134,10 +134,12 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, pos=None, cache=None, mask=None):
+    def forward(self, idx, targets=None, pos=None, cache=None, mask=None, vocab=None):
         """idx (B, T) token ids -> (logits, loss). Targets of -1 are ignored, so the loss can fall
         on answer tokens alone; with targets, logits are computed only where a target is, which
-        spares the 50257-wide head on prompt tokens. pos, cache and mask serve generate()."""
+        spares the 50257-wide head on prompt tokens. vocab (V',) restricts the softmax to those
+        token ids (targets then index into it): pretraining on a language of a few dozen
+        tokens need not pay for all 50257. pos, cache and mask serve generate()."""
         B, T = idx.size()
         if pos is None:
             assert T <= self.config.block_size, f"sequence of {T} tokens, block_size is {self.config.block_size}"
@@ -149,7 +151,8 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): only the next token is wanted
         keep = targets != -1  # (B, T)
-        logits = self.lm_head(x[keep])  # (K, V)
+        head = self.lm_head.weight if vocab is None else self.lm_head.weight[vocab]  # (V, C)
+        logits = F.linear(x[keep], head)  # (K, V)
         return logits, F.cross_entropy(logits.float(), targets[keep])
 
     @torch.no_grad()

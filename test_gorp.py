@@ -376,3 +376,154 @@ def test_generate_with_cache_matches_recompute():
     assert cached == model.generate(prompts, 8, stop_token=5, use_cache=False)
     for p, row in zip(prompts, cached):  # left padding changes nothing
         assert model.generate([p], 8, stop_token=5) == [row]
+
+
+# -----------------------------------------------------------------------------
+# train_cl.py and data/: the loop, the metrics, the prompts, the loader, the configuration
+
+import subprocess
+import sys
+
+import train_cl
+from data import benchmark
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY_RUN = ["--init_from=scratch", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=96",
+            "--max_train=24", "--max_test=8", "--batch_size=8", "--epochs=1", "--eval_batch_size=8",
+            "--log_every=0.0"]
+
+
+def write_task(root, group, task, records, labels=None, test=None):
+    folder = os.path.join(root, group, task)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "train.json"), "w") as f:
+        json.dump(records, f)
+    with open(os.path.join(folder, "test.json"), "w") as f:
+        json.dump(test if test is not None else records[:8], f)
+    if labels is not None:
+        with open(os.path.join(folder, "labels.json"), "w") as f:
+            json.dump(labels, f)
+
+
+def two_tasks(root):
+    """Two small tasks in the benchmark's layout: the sentiment and the topic of a few words."""
+    words = {"good": "positive", "bad": "negative"}
+    topics = {"ball": "sports", "vote": "politics"}
+    write_task(root, "SC", "mood", [dict(sentence=f"a {w} day {i}", label=l) for i in range(12) for w, l in words.items()],
+               labels=["positive", "negative"])
+    write_task(root, "TC", "topic", [dict(sentence=f"the {w} {i}", label=l) for i in range(12) for w, l in topics.items()],
+               labels=["sports", "politics"])
+    return str(root)
+
+
+def run_cl(tmp_path, *args):
+    data = two_tasks(tmp_path / "data")
+    return train_cl.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *TINY_RUN, *args], log=lambda s: None)
+
+
+def test_metrics_on_a_known_matrix():
+    acc = [[90.0, 10.0, 0.0],
+           [60.0, 80.0, 5.0],
+           [50.0, 70.0, 95.0]]
+    aa, bwt, forgetting = train_cl.metrics(acc)
+    assert aa == pytest.approx((50 + 70 + 95) / 3)
+    assert bwt == pytest.approx(((50 - 90) + (70 - 80)) / 2)
+    assert forgetting == pytest.approx(((90 - 50) + (80 - 70)) / 2)
+    assert train_cl.metrics([[40.0, 60.0]])[1:] == (None, None)  # one row (mtl): no transfer to measure
+
+
+def test_prompt_format_matches_method_md():
+    head, tail = benchmark.prompt_parts("TC", "agnews", ["World", "Sports"])
+    assert head + "some news" + tail == ("Task:TC\nDataset:agnews\nWhat is the topic of the following paragraph? "
+                                         "Choose one from the option.\nOption: World, Sports \nsome news\nAnswer:")
+    head, tail = benchmark.prompt_parts("COPA", "COPA", ["1", "2"])
+    assert head + "premise" + tail == "Task:COPA\nDataset:COPA\npremise\nAnswer:"
+    assert all(i.endswith("\n") for g, i in benchmark.INSTRUCTIONS.items() if g != "COPA")
+    with pytest.raises(benchmark.DataError, match="no instruction"):
+        benchmark.prompt_parts("XYZ", "t", ["a"])
+    assert benchmark.normalize("  The  Answer: Yes! ") == "the answer yes"
+
+
+def test_long_sentence_is_cut_inside_the_sentence():
+    enc, eot = train_cl.tokenizer()
+    record = dict(sentence="word " * 500, label="Sports")
+    prompt, answer = benchmark.encode_example(enc, "TC", "agnews", ["World", "Sports"], record, 80, eot)
+    assert len(prompt) + len(answer) == 80
+    text = enc.decode(prompt)
+    assert text.startswith("Task:TC\nDataset:agnews\nWhat is the topic") and text.endswith("word\nAnswer:")
+    assert enc.decode(answer) == " Sports<|endoftext|>"
+
+
+def test_loader_reads_the_layout(tmp_path):
+    root = tmp_path / "bench"
+    write_task(root, "TC", "news", [dict(sentence=f"s{i}", label=["a", "b"][i % 2]) for i in range(50)], labels=["a", "b"])
+    write_task(root, "SC", "nolabels", [dict(sentence="x", label="pos"), dict(sentence="y", label="neg")])
+    write_task(root, "COPA", "COPA", [dict(sentence="It rained. Option1: wet. Option2: dry.", label="1")], labels=["1", "2"])
+    assert benchmark.find_tasks(str(root)) == {"COPA": "COPA", "nolabels": "SC", "news": "TC"}
+    records, labels = benchmark.load_split(str(root), "TC", "news", "train", cap=10, seed=0)
+    assert len(records) == 10 and labels == ["a", "b"] and {r["label"] for r in records} <= {"a", "b"}
+    assert benchmark.load_split(str(root), "TC", "news", "train", cap=10, seed=0)[0] == records  # seeded
+    assert benchmark.load_split(str(root), "SC", "nolabels", "test")[1] == ["neg", "pos"]  # from the records
+    enc, eot = train_cl.tokenizer()
+    prompt, _ = benchmark.encode_example(enc, "COPA", "COPA", ["1", "2"], dict(sentence="It rained.", label="1"), 64, eot)
+    assert enc.decode(prompt) == "Task:COPA\nDataset:COPA\nIt rained.\nAnswer:"
+
+
+@pytest.mark.parametrize("method", ["gorp", "olora"])
+def test_end_to_end_tiny_run(tmp_path, method):
+    (results,) = run_cl(tmp_path, f"--method={method}")
+    assert results["tasks"] == ["mood", "topic"]
+    assert len(results["acc"]) == 2 and all(len(row) == 2 for row in results["acc"])
+    assert all(0 <= a <= 100 for row in results["acc"] for a in row)
+    saved = json.load(open(tmp_path / "out" / "results.json"))
+    assert saved["acc"] == results["acc"] and saved["method"] == method
+    assert saved["AA"] == pytest.approx(sum(results["acc"][-1]) / 2)
+    for key in ("BWT", "forgetting", "per_task", "config"):
+        assert key in saved
+    stats = saved["per_task"][0]
+    assert stats["trainable_params"] > 0 and stats["optimizer_state_bytes"] > 0 and stats["tokens_per_second"] > 0
+    if method == "gorp":
+        assert stats["projected_params"] > 0
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)  # checkpoints load safely
+    assert ckpt["done"] == 2 and ckpt["acc"] == results["acc"]
+
+
+def test_method_all_runs_every_method_and_mtl_is_one_row(tmp_path):
+    results = run_cl(tmp_path, "--method=all", "--max_train=8", "--max_test=4")
+    assert [r["method"] for r in results] == list(train_cl.METHODS)
+    by_method = {r["method"]: r for r in results}
+    assert len(by_method["mtl"]["acc"]) == 1 and by_method["mtl"]["BWT"] is None
+    for m in train_cl.METHODS:
+        assert os.path.isfile(tmp_path / "out" / m / "results.json")
+    trained = {m: r["per_task"][0]["trainable_params"] for m, r in by_method.items()}
+    assert trained["seqft"] > trained["gorp"] > trained["inclora"]  # GORP adds the projected weights to LoRA
+
+
+def test_same_seed_same_matrix(tmp_path):
+    first = run_cl(tmp_path / "a", "--method=gorp")[0]["acc"]
+    assert run_cl(tmp_path / "b", "--method=gorp")[0]["acc"] == first
+
+
+def test_config_errors():
+    with pytest.raises(train_cl.ConfigError, match="unknown config key"):
+        train_cl.parse_config(["--no_such_key=1"])
+    with pytest.raises(train_cl.ConfigError, match="wants a int"):
+        train_cl.parse_config(["--batch_size=big"])
+    with pytest.raises(train_cl.ConfigError, match="unknown method"):
+        train_cl.parse_config(["--method=ewc"])
+    with pytest.raises(train_cl.ConfigError, match="unknown order"):
+        train_cl.parse_config(["--order=9"])
+    with pytest.raises(train_cl.ConfigError, match="at least 1"):
+        train_cl.parse_config(["--rank=0"])
+    c = train_cl.parse_config(["--lr=1e-4", "--full_rank=False", "--tasks=a,b"])
+    assert c["lr"] == 1e-4 and c["full_rank"] is False and c["tasks"] == "a,b"
+
+
+def test_config_file_and_help(tmp_path):
+    path = tmp_path / "cfg.py"
+    path.write_text("method = 'inclora'\nlr = 5e-4\n")
+    c = train_cl.parse_config([str(path), "--lr=2e-4"])
+    assert c["method"] == "inclora" and c["lr"] == 2e-4  # the command line wins over the file
+    text = train_cl.config_help()
+    for key in train_cl.CONFIG_KEYS:
+        assert f"--{key}=" in text, key

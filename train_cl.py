@@ -1,0 +1,614 @@
+"""
+Continual learning, task after task, with GORP or a baseline, ending in the forgetting table.
+
+    python train_cl.py                                  # GORP on the built-in toy suite, CPU, ~2 min
+    python train_cl.py --method=all                     # every method, one side-by-side table
+    python train_cl.py --method=seqft --seed=2          # any key below as --key=value
+    python train_cl.py config/my_run.py --lr=3e-4       # or a Python file of assignments
+    python train_cl.py --data_dir=../CL_Benchmark --order=1 --init_from=gpt2   # the real benchmark
+    python train_cl.py --help                           # every key, its default and what it does
+
+After each task every task of the sequence is evaluated (greedy generation, exact match), so
+a[i][j] = accuracy on task j after training task i; the end prints that matrix with AA, BWT
+and forgetting (method.md §6) and writes out_dir/results.json.
+"""
+
+import ast
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+import gorp
+from data import benchmark, toy
+
+# -----------------------------------------------------------------------------
+# configuration: every key can be set as --key=value or in a Python config file
+# what and where
+method = "gorp"  # gorp, seqft, seqlora, inclora, olora, galore, mtl, or all (each in turn, one table)
+out_dir = "out"  # results.json, checkpoints and the cached base model go here
+data_dir = "toy"  # a CL_Benchmark-layout folder, or toy: the built-in suite, written to out_dir/toy
+order = 0  # 1..6: a task order of the benchmark (method.md §6); 0: use tasks
+tasks = ""  # comma list of tasks in training order; empty with order 0: every task of data_dir
+max_train = 1000  # training examples per task at most (0: all)
+max_test = 200  # test examples per task at most (0: all)
+max_len = 128  # tokens of prompt and answer at most; a longer sentence is cut, never the template
+# the model
+init_from = "pretrain"  # pretrain (a small GPT pretrained on data_dir's unlabeled text, cached), scratch, a checkpoint .pt, or a GPT-2 folder or name
+n_layer = 4  # model size when not loaded from a checkpoint
+n_head = 4
+n_embd = 128
+block_size = 128
+pretrain_iters = 300  # steps of language-model pretraining for init_from=pretrain
+pretrain_lr = 3e-3
+# the method (method.md §1-5)
+full_rank = True  # GORP's L: train the full_rank_pattern weights by projected Adam (ablation switch)
+shared_space = True  # GORP's S: the shared gradient space on LoRA A and the full-rank weights (ablation switch)
+lora_pattern = r"attn\.c_attn$"  # regex of the linears that get LoRA adapters
+full_rank_pattern = r"mlp\.c_fc\.weight$"  # regex of the weights GORP trains at full rank
+lora_r = 8  # LoRA rank
+lora_alpha = 16.0  # LoRA scaling is lora_alpha / lora_r
+lora_dropout = 0.0
+rank = 8  # rank r of the gradient projector
+update_proj_gap = 10  # T: steps between projector refreshes (the paper's 10)
+scale = 1.0  # alpha: the projected update is scaled by it, so the effective lr is full_rank_lr * scale
+space_threshold = 0.9  # eps: energy of a task's first moment the shared space must capture
+olora_lambda1 = 0.5  # O-LoRA's orthogonality weight
+olora_lambda2 = 0.0  # O-LoRA's L2 weight on the new A
+exact_svd = False  # torch.linalg.svd instead of the hand-rolled factorisation
+# training
+epochs = 2  # passes over each task's training data
+batch_size = 16
+lr = 3e-3  # LoRA, and every plainly trained weight (seqft)
+full_rank_lr = 3e-3  # projected full-rank weights (the paper's 1e-5 is for T5-large)
+weight_decay = 0.0
+grad_clip = 1.0  # clip the gradient norm to this (0: off)
+eval_batch_size = 64
+# system
+device = "auto"  # auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps
+dtype = "auto"  # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
+seed = 1337
+resume = False  # continue an interrupted run in out_dir from its last finished task
+plot = False  # write out_dir/forgetting.png (needs matplotlib)
+log_every = 2.0  # seconds between progress lines
+CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+# -----------------------------------------------------------------------------
+
+# Each method is a small configuration of the same adapter and optimizer machinery:
+#   lora: none, one (a single adapter through all tasks), fresh (a new adapter per task, the
+#   old merged); full_rank: the regex of weights trained by projected Adam; shared: the
+#   shared space; rest: train every other weight by plain AdamW; joint: one model on all tasks.
+METHODS = {
+    "gorp": dict(lora="fresh", full_rank="pattern", shared=True),
+    "seqft": dict(lora="none", rest=True),
+    "seqlora": dict(lora="one"),
+    "inclora": dict(lora="fresh"),
+    "olora": dict(lora="fresh", olora=True),
+    "galore": dict(lora="none", full_rank=r"\.(c_attn|c_proj|c_fc)\.weight$", rest=True),
+    "mtl": dict(lora="fresh", full_rank="pattern", joint=True),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def config_help():
+    """Every key with its default and its comment, read from this file's config block."""
+    lines = []
+    with open(__file__) as f:
+        for line in f:
+            m = re.match(r"^(\w+) = (.+?)(?:  # (.*))?$", line.rstrip())
+            if m and m.group(1) in CONFIG_KEYS:
+                lines.append(f"  --{m.group(1)}={m.group(2)}" + (f"    {m.group(3)}" if m.group(3) else ""))
+    return "usage: python train_cl.py [config.py] [--key=value ...]\n" + "\n".join(lines)
+
+
+def parse_config(argv):
+    """nanoGPT's configurator, with errors instead of surprises: a config file of plain Python
+    assignments, then --key=value; an unknown key or a value of the wrong type is an error."""
+    config = {k: globals()[k] for k in CONFIG_KEYS}
+
+    def assign(key, value):
+        if key not in config:
+            raise ConfigError(f"unknown config key {key!r} (python train_cl.py --help lists them)")
+        want = type(config[key])
+        if want is float and type(value) is int:
+            value = float(value)
+        if type(value) is not want:
+            raise ConfigError(f"--{key} wants a {want.__name__}, got {value!r}")
+        config[key] = value
+
+    for arg in argv:
+        if not arg.startswith("--"):
+            if not os.path.isfile(arg):
+                raise ConfigError(f"config file {arg} does not exist")
+            scope = {}
+            try:
+                exec(open(arg).read(), {}, scope)
+            except Exception as e:
+                raise ConfigError(f"config file {arg} does not run: {e}") from None
+            for key, value in scope.items():
+                if not key.startswith("_"):
+                    assign(key, value)
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if not eq:
+            raise ConfigError(f"expected --key=value, got {arg}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare string
+        if isinstance(config.get(key), str):
+            value = text
+        assign(key, value)
+    check_config(config)
+    return config
+
+
+def check_config(c):
+    if c["method"] not in METHODS and c["method"] != "all":
+        raise ConfigError(f"unknown method {c['method']!r}: choose one of {', '.join(METHODS)}, all")
+    if c["order"] and c["order"] not in benchmark.ORDERS:
+        raise ConfigError(f"unknown order {c['order']}: orders are 1 to {len(benchmark.ORDERS)}")
+    for key in ("rank", "lora_r", "update_proj_gap", "batch_size", "eval_batch_size", "epochs", "max_len",
+                "n_layer", "n_head", "n_embd", "block_size"):
+        if c[key] < 1:
+            raise ConfigError(f"--{key} must be at least 1, got {c[key]}")
+    if not 0 < c["space_threshold"] <= 1:
+        raise ConfigError(f"--space_threshold must be in (0, 1], got {c['space_threshold']}")
+
+
+# -----------------------------------------------------------------------------
+# the data
+
+
+def tokenizer():
+    import tiktoken  # GPT-2's BPE: the same token ids as GPT-2 checkpoints
+    enc = tiktoken.get_encoding("gpt2")
+    return enc, enc.eot_token
+
+
+def task_list(c):
+    """[(task, group)] in training order."""
+    found = benchmark.find_tasks(c["data_dir"])
+    names = [t for t in c["tasks"].split(",") if t] if c["tasks"] else benchmark.ORDERS.get(c["order"], sorted(found))
+    if c["data_dir"] == c["_toy_dir"] and not c["tasks"]:
+        names = toy.TASKS
+    missing = [t for t in names if t not in found]
+    if missing:
+        raise benchmark.DataError(f"task {missing[0]} is not in {c['data_dir']} (it has: {', '.join(found)})")
+    return [(t, found[t]) for t in names]
+
+
+def load_tasks(c, enc, eot):
+    """Per task: its labels and its train and test examples as (prompt ids, answer ids)."""
+    out = []
+    for task, group in task_list(c):
+        data = {}
+        for split, cap in (("train", c["max_train"]), ("test", c["max_test"])):
+            records, labels = benchmark.load_split(c["data_dir"], group, task, split, cap, c["seed"])
+            data[split] = [benchmark.encode_example(enc, group, task, labels, r, c["max_len"], eot) for r in records]
+        out.append(dict(name=task, group=group, labels=labels, **data))
+    return out
+
+
+def collate(examples, device):
+    """Right-padded (B, T) inputs and targets; the loss falls on the answer tokens alone."""
+    T = max(len(p) + len(a) for p, a in examples) - 1
+    idx = torch.zeros(len(examples), T, dtype=torch.long)
+    targets = torch.full((len(examples), T), -1, dtype=torch.long)
+    for b, (prompt, answer) in enumerate(examples):
+        seq = prompt + answer
+        idx[b, : len(seq) - 1] = torch.tensor(seq[:-1])
+        targets[b, len(prompt) - 1: len(seq) - 1] = torch.tensor(answer)
+    pin = device.type == "cuda"
+    return (idx.pin_memory() if pin else idx).to(device, non_blocking=pin), \
+        (targets.pin_memory() if pin else targets).to(device, non_blocking=pin)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+def pick_device(c):
+    name = c["device"]
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} is not available: torch sees no CUDA GPU")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device mps is not available")
+    if name != "cpu" and not name.startswith(("cuda", "mps")):
+        raise ConfigError(f"unknown device {name!r}: auto, cpu, cuda, cuda:N or mps")
+    device = torch.device(name)
+    dtype = c["dtype"]
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"unknown dtype {dtype!r}: auto, float32, bfloat16 or float16")
+    return device, dtype
+
+
+def base_model(c, enc, eot, log):
+    """The model every method starts from, weights in float32 (autocast does the rest)."""
+    init = c["init_from"]
+    if init in ("scratch", "pretrain"):
+        config = gorp.GPTConfig(block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"])
+        torch.manual_seed(c["seed"])
+        model = gorp.GPT(config)
+        return pretrained_base(c, model, enc, eot, log) if init == "pretrain" else model
+    if init.endswith(".pt"):
+        if not os.path.isfile(init):
+            raise ConfigError(f"init_from {init} does not exist")
+        try:
+            ckpt = torch.load(init, map_location="cpu", weights_only=True)
+            model = gorp.GPT(gorp.GPTConfig(**ckpt["model_args"]))
+            model.load_state_dict(ckpt["model"])
+        except Exception as e:
+            raise ConfigError(f"init_from {init} is not a checkpoint of this project ({str(e).splitlines()[0]})") from None
+        return model
+    try:
+        return gorp.GPT.from_pretrained(init)
+    except (FileNotFoundError, KeyError, ValueError) as e:
+        raise ConfigError(f"init_from {init}: {str(e).strip(chr(34))}") from None
+
+
+def pretrained_base(c, model, enc, eot, log):
+    """Pretrain the small GPT on unlabeled text of data_dir (not the task sequence) as a
+    language model, once; the result is cached in out_dir and reused by every later run."""
+    sentences = benchmark.pretraining_sentences(c["data_dir"], {t for t, _ in task_list(c)}, c["max_train"], c["seed"])
+    key = dict(model=vars(model.config), iters=c["pretrain_iters"], lr=c["pretrain_lr"], seed=c["seed"],
+               n=len(sentences), first=sentences[0][:64], last=sentences[-1][:64])
+    path = os.path.join(c["out_dir"], f"base-{abs(hash_of(key)) % 10 ** 10}.pt")
+    if os.path.isfile(path):
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        log(f"base model: {path} (cached)")
+        return model
+    docs = [enc.encode_ordinary(s)[: c["block_size"] - 1] + [eot] for s in sentences]
+    vocab = torch.tensor(sorted({t for d in docs for t in d}))  # the language's tokens
+    index = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
+    index[vocab] = torch.arange(len(vocab))
+    device = c["_device"]
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=c["pretrain_lr"], weight_decay=0.0, betas=(0.9, 0.95))
+    rng, t0 = random.Random(c["seed"]), time.time()
+    log(f"pretraining a base model on {len(sentences)} sentences ({len(vocab)} distinct tokens), "
+        f"{c['pretrain_iters']} steps; cached at {path}")
+    for step in range(c["pretrain_iters"]):
+        batch = rng.sample(docs, min(c["batch_size"] * 4, len(docs)))
+        T = min(max(map(len, batch)), c["block_size"])
+        idx = torch.full((len(batch), T), eot)
+        targets = torch.full((len(batch), T), -1)
+        for b, d in enumerate(batch):
+            d = [eot] + d[: T]
+            idx[b, : len(d) - 1], targets[b, : len(d) - 1] = torch.tensor(d[:-1]), index[torch.tensor(d[1:])]
+        lr_now = c["pretrain_lr"] * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / c["pretrain_iters"]))
+        for g in opt.param_groups:
+            g["lr"] = lr_now
+        with c["_autocast"]():
+            loss = model(idx.to(device), targets.to(device), vocab=vocab.to(device))[1]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == c["pretrain_iters"] - 1:
+            log(f"  pretrain step {step}/{c['pretrain_iters']} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    model.cpu()
+    save_atomic(dict(model=model.state_dict(), model_args=vars(model.config)), path)
+    return model
+
+
+def hash_of(obj):
+    import hashlib
+    return int(hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12], 16)
+
+
+def prepare_model(c, spec, base_state, model_args):
+    """A copy of the base model with the method's adapters."""
+    model = gorp.GPT(gorp.GPTConfig(**model_args))
+    model.load_state_dict(base_state)
+    if spec["lora"] != "none":
+        gorp.inject_lora(model, c["lora_pattern"], c["lora_r"], c["lora_alpha"], c["lora_dropout"])
+    return model.to(c["_device"])
+
+
+def make_optimizer(c, spec, model):
+    full_rank = spec.get("full_rank")
+    if full_rank == "pattern":  # GORP's L, which the full_rank switch turns off
+        full_rank = c["full_rank_pattern"] if c["full_rank"] or spec.get("joint") else None
+    groups = gorp.param_groups(model, lr=c["lr"], full_rank=full_rank, full_rank_lr=c["full_rank_lr"],
+                               rank=c["rank"], update_proj_gap=c["update_proj_gap"], scale=c["scale"],
+                               shared_space=spec.get("shared", False) and c["shared_space"],
+                               train_rest=spec.get("rest", False), exact_svd=c["exact_svd"])
+    return gorp.GORP(groups, lr=c["lr"], betas=(0.9, 0.999), weight_decay=c["weight_decay"])
+
+
+def count_params(model, opt):
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    projected = sum(p.numel() for g in opt.param_groups if g["rank"] for p in g["params"])
+    return total, trainable, projected
+
+
+# -----------------------------------------------------------------------------
+# training and evaluation
+
+
+class NonFinite(RuntimeError):
+    pass
+
+
+def train_task(c, model, opt, examples, spec, task_name, log):
+    """One task: epochs over its examples in seeded random order. Returns (tokens, seconds)."""
+    model.train()
+    rng = random.Random(f"{c['seed']}-{task_name}")
+    steps_per_epoch = math.ceil(len(examples) / c["batch_size"])
+    total = steps_per_epoch * c["epochs"]
+    params = [p for g in opt.param_groups for p in g["params"]]
+    finite = torch.ones((), dtype=torch.bool, device=c["_device"])
+    tokens, t0, last_log, step = 0, time.time(), time.time(), 0
+    for epoch in range(c["epochs"]):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        for i in range(0, len(order), c["batch_size"]):
+            idx, targets = collate([examples[j] for j in order[i: i + c["batch_size"]]], c["_device"])
+            with c["_autocast"]():
+                logits, loss = model(idx, targets)
+            penalty = gorp.olora_penalty(model) if spec.get("olora") else None
+            objective = loss
+            if penalty is not None:
+                objective = loss + c["olora_lambda1"] * penalty
+            if spec.get("olora") and c["olora_lambda2"]:
+                objective = objective + c["olora_lambda2"] * sum(m.lora_A.pow(2).sum() for _, m in gorp.lora_modules(model))
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, c["grad_clip"] or float("inf"))
+            finite &= torch.isfinite(norm) & torch.isfinite(objective.detach())  # no host sync here
+            opt.step()
+            step += 1
+            tokens += int(idx.numel())
+            if time.time() - last_log >= c["log_every"] or step == total:
+                if not bool(finite):  # one sync per progress line, not per step
+                    raise NonFinite(f"non-finite loss or gradient in task {task_name} at or before step {step}")
+                elapsed = time.time() - t0
+                extra = f" | olora {penalty.item():.3f}" if penalty is not None else ""
+                log(f"  {task_name} step {step}/{total} | loss {loss.item():.4f}{extra} | "
+                    f"{tokens / elapsed:,.0f} tok/s | {elapsed / step * (total - step):.0f}s left")
+                last_log = time.time()
+    return tokens, time.time() - t0
+
+
+@torch.no_grad()
+def evaluate(c, model, task, enc, eot):
+    """Accuracy in percent: greedy generation, exact match after normalisation (method.md §6)."""
+    model.eval()
+    examples = sorted(task["test"], key=lambda e: len(e[0]))  # similar lengths batch together
+    max_new = max(len(enc.encode_ordinary(" " + label)) for label in task["labels"]) + 1
+    right = 0
+    for i in range(0, len(examples), c["eval_batch_size"]):
+        chunk = examples[i: i + c["eval_batch_size"]]
+        with c["_autocast"]():
+            outs = model.generate([p for p, _ in chunk], max_new, stop_token=eot)
+        for out, (_, answer) in zip(outs, chunk):
+            right += benchmark.normalize(enc.decode(out)) == benchmark.normalize(enc.decode(answer[:-1]))
+    model.train()
+    return 100.0 * right / len(examples)
+
+
+def metrics(acc):
+    """AA, BWT and forgetting of an accuracy matrix (rows: after task i; method.md §6).
+    A single row (mtl) has no backward transfer: BWT and forgetting are None."""
+    last, n = acc[-1], len(acc[-1])
+    aa = sum(last) / n
+    if len(acc) < n or n < 2:
+        return aa, None, None
+    bwt = sum(last[j] - acc[j][j] for j in range(n - 1)) / (n - 1)
+    forgetting = sum(max(acc[i][j] for i in range(n - 1)) - last[j] for j in range(n - 1)) / (n - 1)
+    return aa, bwt, forgetting
+
+
+def fmt(x, spec="6.1f"):
+    return "     -" if x is None else format(x, spec)
+
+
+def matrix_table(acc, names):
+    width = max(8, max(len(n) for n in names) + 1)
+    lines = ["after task".ljust(14) + "".join(n[: width - 1].rjust(width) for n in names)]
+    for i, row in enumerate(acc):
+        label = f"{i + 1} {names[i] if len(acc) == len(names) else 'all tasks'}"[:13]
+        lines.append(label.ljust(14) + "".join(f"{a:{width}.1f}" for a in row))
+    aa, bwt, forgetting = metrics(acc)
+    lines.append(f"AA {aa:.1f}   BWT {fmt(bwt, '.1f').strip()}   forgetting {fmt(forgetting, '.1f').strip()}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: written whole or not at all
+
+
+def save_atomic(obj, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half
+
+
+def save_checkpoint(c, run_dir, model, spaces, acc, stats, done):
+    save_atomic(dict(model=model.state_dict(), spaces=spaces, acc=acc, stats=stats, done=done,
+                     method=c["method"], tasks=c["_task_names"], config=public(c)), os.path.join(run_dir, "ckpt.pt"))
+
+
+def load_checkpoint(c, run_dir):
+    path = os.path.join(run_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume: no checkpoint in {run_dir}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"--resume: {path} is not readable ({str(e).splitlines()[0]})") from None
+    if ckpt["method"] != c["method"] or ckpt["tasks"] != c["_task_names"]:
+        raise ConfigError(f"--resume: {path} was made by method {ckpt['method']} on tasks {','.join(ckpt['tasks'])}, "
+                          f"not {c['method']} on {','.join(c['_task_names'])}")
+    return ckpt
+
+
+def public(c):
+    return {k: v for k, v in c.items() if not k.startswith("_")}
+
+
+# -----------------------------------------------------------------------------
+# one method over the whole sequence
+
+
+def run_method(c, tasks, base_state, model_args, enc, eot, log):
+    spec = METHODS[c["method"]]
+    run_dir = c["_run_dir"]
+    os.makedirs(run_dir, exist_ok=True)
+    names = [t["name"] for t in tasks]
+    torch.manual_seed(c["seed"])
+    model = prepare_model(c, spec, base_state, model_args)
+    stages = [("all", [e for t in tasks for e in t["train"]])] if spec.get("joint") else \
+        [(t["name"], t["train"]) for t in tasks]
+    acc, stats, spaces, start = [], [], {}, 0
+    if c["resume"]:
+        ckpt = load_checkpoint(c, run_dir)
+        model.load_state_dict(ckpt["model"])
+        acc, stats, spaces, start = ckpt["acc"], ckpt["stats"], ckpt["spaces"], ckpt["done"]
+        log(f"resuming {c['method']} after task {start} of {len(stages)} from {run_dir}/ckpt.pt")
+    named = dict(model.named_parameters())
+    for i in range(start, len(stages)):
+        stage, examples = stages[i]
+        torch.manual_seed(c["seed"] * 1000 + i)  # each task's randomness depends on the seed and the task alone
+        opt = make_optimizer(c, spec, model)
+        opt.load_shared_spaces({named[n]: S for n, S in spaces.items()})
+        total, trainable, projected = count_params(model, opt)
+        log(f"task {i + 1}/{len(stages)} {stage}: {len(examples)} examples | params {total:,} total, "
+            f"{trainable:,} trained, {projected:,} of them projected")
+        tokens, seconds = train_task(c, model, opt, examples, spec, stage, log)
+        state_bytes = opt.state_bytes()
+        if spec.get("shared") and c["shared_space"]:
+            sizes = opt.grow_shared_space(c["space_threshold"])
+            spaces = {n: opt.state[p]["space"].cpu() for n, p in named.items() if p in opt.state and "space" in opt.state[p]}
+            log(f"  shared space: {sum(sizes.values())} directions over {len(sizes)} matrices")
+        if spec["lora"] == "fresh":
+            gorp.end_task(model)
+        t_eval = time.time()
+        row = [evaluate(c, model, t, enc, eot) for t in tasks]
+        acc.append(row)
+        stats.append(dict(task=stage, train_seconds=round(seconds, 2), eval_seconds=round(time.time() - t_eval, 2),
+                          tokens_per_second=round(tokens / max(seconds, 1e-9)), trainable_params=trainable,
+                          projected_params=projected, optimizer_state_bytes=state_bytes))
+        log(f"after {stage}: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, row)))
+        save_checkpoint(c, run_dir, model.cpu(), spaces, acc, stats, i + 1)
+        model.to(c["_device"])
+    aa, bwt, forgetting = metrics(acc)
+    results = dict(method=c["method"], tasks=names, acc=acc, AA=aa, BWT=bwt, forgetting=forgetting,
+                   per_task=stats, config=public(c))
+    with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
+    log(f"\n{c['method']}: accuracy (%) on each task (columns) after training each task (rows)\n"
+        + matrix_table(acc, names))
+    return results
+
+
+def comparison_table(all_results):
+    lines = [f"{'method':<9}{'AA':>7}{'BWT':>7}{'forget':>8}{'trained params':>16}{'opt state':>12}{'time':>8}"]
+    for r in all_results:
+        trained = max(s["trainable_params"] for s in r["per_task"])
+        state = max(s["optimizer_state_bytes"] for s in r["per_task"])
+        seconds = sum(s["train_seconds"] + s["eval_seconds"] for s in r["per_task"])
+        lines.append(f"{r['method']:<9}{r['AA']:7.1f}{fmt(r['BWT'], '7.1f')}{fmt(r['forgetting'], '8.1f')}"
+                     f"{trained:16,}{state / 2 ** 20:10.2f}MB{seconds:7.0f}s")
+    return "\n".join(lines)
+
+
+def plot_results(all_results, path, log):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("--plot needs matplotlib: pip install matplotlib (the rest of the run does not)")
+        return
+    fig, axes = plt.subplots(2, len(all_results), figsize=(4 * len(all_results), 7), squeeze=False)
+    for k, r in enumerate(all_results):
+        acc, names = r["acc"], r["tasks"]
+        ax = axes[0][k]
+        ax.imshow(acc, vmin=0, vmax=100, cmap="viridis")
+        ax.set_title(f"{r['method']}  AA {r['AA']:.1f}  BWT {fmt(r['BWT'], '.1f').strip()}")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(acc)), [f"after {n}" for n in (names if len(acc) > 1 else ["all"])], fontsize=8)
+        for i, row in enumerate(acc):
+            for j, a in enumerate(row):
+                ax.text(j, i, f"{a:.0f}", ha="center", va="center", color="w" if a < 60 else "k", fontsize=8)
+        ax = axes[1][k]
+        for j, n in enumerate(names):
+            ax.plot(range(1, len(acc) + 1), [row[j] for row in acc], marker="o", label=n)
+        ax.set_ylim(0, 100)
+        ax.set_xlabel("tasks trained")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    log(f"wrote {path}")
+
+
+def main(argv, log=print):
+    c = parse_config(argv)
+    torch.manual_seed(c["seed"])
+    random.seed(c["seed"])
+    device, dtype = pick_device(c)
+    c["_device"] = device
+    ptdtype = getattr(torch, dtype)
+    c["_autocast"] = (lambda: torch.autocast(device.type, dtype=ptdtype)) if dtype != "float32" else nullcontext
+    c["_toy_dir"] = os.path.join(c["out_dir"], "toy")
+    if c["data_dir"] == "toy":
+        c["data_dir"] = c["_toy_dir"]
+        if not os.path.isfile(os.path.join(c["_toy_dir"], "pretrain.json")):
+            toy.write_suite(c["_toy_dir"], seed=c["seed"])
+    enc, eot = tokenizer()
+    tasks = load_tasks(c, enc, eot)
+    c["_task_names"] = [t["name"] for t in tasks]
+    threads = torch.get_num_threads() if device.type == "cpu" else ""
+    log(f"device {device}{f' ({threads} threads)' if threads else ''}, dtype {dtype}; data {c['data_dir']}: "
+        + ", ".join(f"{t['name']} ({len(t['train'])}/{len(t['test'])})" for t in tasks))
+    model = base_model(c, enc, eot, log)
+    longest = max(len(p) + len(a) for t in tasks for p, a in t["train"] + t["test"])
+    if longest > model.config.block_size:
+        raise ConfigError(f"examples reach {longest} tokens but the model's block_size is {model.config.block_size}: "
+                          "lower --max_len")
+    base_state, model_args = model.state_dict(), vars(model.config)
+    methods = list(METHODS) if c["method"] == "all" else [c["method"]]
+    all_results = []
+    for m in methods:
+        mc = dict(c, method=m, _run_dir=os.path.join(c["out_dir"], m) if c["method"] == "all" else c["out_dir"])
+        if c["method"] == "all":
+            log(f"\n=== {m} ===")
+        all_results.append(run_method(mc, tasks, base_state, model_args, enc, eot, log))
+    if len(all_results) > 1:
+        log("\nall methods, same base model and data:\n" + comparison_table(all_results))
+    if c["plot"]:
+        plot_results(all_results, os.path.join(c["out_dir"], "forgetting.png"), log)
+    return all_results
+
+
+if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(config_help())
+        sys.exit(0)
+    try:
+        main(sys.argv[1:], log=lambda s: print(s, flush=True))
+    except (ConfigError, benchmark.DataError, NonFinite) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the last finished task's checkpoint is kept; --resume=True continues", file=sys.stderr)
+        sys.exit(130)
