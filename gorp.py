@@ -306,6 +306,12 @@ class LoRALinear(nn.Linear):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "old_A"
+        if key in state_dict:  # a checkpoint holds as many finished tasks' A as it holds, not as we do
+            self.old_A = torch.empty_like(state_dict[key], device=self.weight.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
         return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
@@ -569,11 +575,11 @@ class GORP(torch.optim.Optimizer):
 
 
 def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, update_proj_gap=10,
-                 scale=1.0, shared_space=False, train_rest=False, exact_svd=False):
+                 scale=1.0, shared_space=False, train_rest=False, rest_lr=None, exact_svd=False):
     """Sort a model's parameters into GORP's groups:
       - LoRA A and B of the active adapters, lr; A with the shared space if shared_space;
       - weights whose names match the regex full_rank: projected Adam at full_rank_lr;
-      - with train_rest, every other parameter by plain Adam at lr; else they are frozen.
+      - with train_rest, every other parameter by plain Adam at rest_lr; else they are frozen.
     Parameters in no group get requires_grad False, so autograd does not spend time on them."""
     lora_A, lora_B, projected, rest = [], [], [], []
     lora_base = {id(p) for _, m in lora_modules(model) for p in (m.weight, m.bias) if p is not None}  # frozen
@@ -589,7 +595,7 @@ def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, upda
     groups = [dict(params=lora_A, lr=lr, shared_space=shared_space), dict(params=lora_B, lr=lr),
               dict(params=projected, lr=full_rank_lr or lr, rank=rank, update_proj_gap=update_proj_gap,
                    scale=scale, shared_space=shared_space, exact_svd=exact_svd),
-              dict(params=rest, lr=lr)]
+              dict(params=rest, lr=rest_lr or lr)]
     groups = [g for g in groups if g["params"]]
     trained = {id(p) for g in groups for p in g["params"]}
     for p in model.parameters():

@@ -527,3 +527,100 @@ def test_config_file_and_help(tmp_path):
     text = train_cl.config_help()
     for key in train_cl.CONFIG_KEYS:
         assert f"--{key}=" in text, key
+
+
+# -----------------------------------------------------------------------------
+# It keeps working and loses nothing: bad input, interruption, NaN
+
+
+def cli(*args, cwd=HERE):
+    return subprocess.run([sys.executable, os.path.join(HERE, "train_cl.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bad_input_is_one_line_and_nonzero(tmp_path):
+    r = cli(f"--data_dir={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'out'}")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: data_dir {tmp_path / 'nowhere'} does not exist"]
+    assert not os.path.exists(tmp_path / "out" / "results.json")
+
+
+def bad_folder(tmp_path, kind):
+    root = tmp_path / kind
+    good = [dict(sentence="a b", label="x"), dict(sentence="c d", label="y")]
+    if kind == "invalid_json":
+        write_task(root, "TC", "t", good, labels=["x", "y"])
+        (root / "TC" / "t" / "test.json").write_text("[{\"label\": ")
+    elif kind == "no_sentence":
+        write_task(root, "TC", "t", [dict(label="x")], labels=["x", "y"])
+    elif kind == "unknown_label":
+        write_task(root, "TC", "t", good + [dict(sentence="e", label="z")], labels=["x", "y"])
+    elif kind == "empty_task":
+        write_task(root, "TC", "t", [], labels=["x", "y"], test=[])
+    elif kind == "no_task":
+        os.makedirs(root / "TC")
+    return str(root)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("invalid_json", "is not valid JSON"), ("no_sentence", 'lacks a "label" or a "sentence"'),
+    ("unknown_label", "which labels.json does not list"), ("empty_task", "is empty"), ("no_task", "holds no task")])
+def test_bad_data_is_named(tmp_path, kind, message):
+    with pytest.raises(benchmark.DataError, match=message):
+        train_cl.main([f"--data_dir={bad_folder(tmp_path, kind)}", f"--out_dir={tmp_path / 'out'}", *TINY_RUN],
+                      log=lambda s: None)
+
+
+@pytest.mark.parametrize("arg,error,message", [
+    ("--tasks=mood,nosuchtask", benchmark.DataError, "task nosuchtask is not in"),
+    ("--init_from=missing.pt", train_cl.ConfigError, "does not exist"),
+    ("--init_from=not_a_folder", train_cl.ConfigError, "no GPT-2 checkpoint"),
+    ("--device=tpu", train_cl.ConfigError, "unknown device"),
+    ("--device=cuda:0" if not torch.cuda.is_available() else "--device=mps:9", train_cl.ConfigError, "not available"),
+    ("--resume=True", train_cl.ConfigError, "no checkpoint in"),
+])
+def test_bad_arguments_are_named(tmp_path, arg, error, message):
+    with pytest.raises(error, match=message):
+        run_cl(tmp_path, arg)
+
+
+def test_init_from_a_file_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(train_cl.ConfigError, match="is not a checkpoint"):
+        run_cl(tmp_path, f"--init_from={tmp_path / 'junk.pt'}")
+
+
+def test_resume_refuses_another_methods_checkpoint(tmp_path):
+    run_cl(tmp_path, "--method=inclora")
+    with pytest.raises(train_cl.ConfigError, match="made by method inclora"):
+        run_cl(tmp_path, "--method=gorp", "--resume=True")
+
+
+def test_non_finite_loss_stops_with_task_and_step(tmp_path):
+    run_cl(tmp_path, "--method=seqft")
+    before = open(tmp_path / "out" / "ckpt.pt", "rb").read()
+    with pytest.raises(train_cl.NonFinite, match=r"task mood at or before step [0-9]+"):
+        run_cl(tmp_path, "--method=seqft", "--ft_lr=1e38", "--grad_clip=0.0")
+    assert open(tmp_path / "out" / "ckpt.pt", "rb").read() == before  # the last good checkpoint is kept
+
+
+def test_killed_run_resumes_to_the_same_matrix(tmp_path):
+    data = two_tasks(tmp_path / "data")
+    args = [f"--data_dir={data}", *TINY_RUN, "--max_train=200", "--epochs=3", "--batch_size=4"]
+    assert cli(*args, f"--out_dir={tmp_path / 'whole'}").returncode == 0
+    expected = json.load(open(tmp_path / "whole" / "results.json"))["acc"]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train_cl.py"), *args, f"--out_dir={out}"],
+                            stdout=subprocess.PIPE, text=True, cwd=HERE)
+    for line in proc.stdout:  # kill it inside the second task, after the first one's checkpoint
+        if line.startswith("  topic step"):
+            proc.kill()
+            break
+    proc.wait()
+    assert not os.path.exists(out / "results.json")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["done"] == 1
+    r = cli(*args, f"--out_dir={out}", "--resume=True")
+    assert r.returncode == 0, r.stderr
+    assert "resuming gorp after task 1" in r.stdout
+    assert json.load(open(out / "results.json"))["acc"] == expected

@@ -65,7 +65,8 @@ exact_svd = False  # torch.linalg.svd instead of the hand-rolled factorisation
 # training
 epochs = 2  # passes over each task's training data
 batch_size = 16
-lr = 3e-3  # LoRA, and every plainly trained weight (seqft)
+lr = 3e-3  # LoRA adapters
+ft_lr = 3e-4  # weights trained directly by AdamW, with no adapter or projection (seqft; galore's embeddings and norms)
 full_rank_lr = 3e-3  # projected full-rank weights (the paper's 1e-5 is for T5-large)
 weight_decay = 0.0
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
@@ -171,7 +172,11 @@ def check_config(c):
 
 def tokenizer():
     import tiktoken  # GPT-2's BPE: the same token ids as GPT-2 checkpoints
-    enc = tiktoken.get_encoding("gpt2")
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline, and not yet cached
+        raise ConfigError(f"tiktoken cannot load its GPT-2 files ({type(e).__name__}); offline, point "
+                          "TIKTOKEN_CACHE_DIR at a folder holding them (README.md, 'Working offline')") from None
     return enc, enc.eot_token
 
 
@@ -323,7 +328,7 @@ def make_optimizer(c, spec, model):
     full_rank = spec.get("full_rank")
     if full_rank == "pattern":  # GORP's L, which the full_rank switch turns off
         full_rank = c["full_rank_pattern"] if c["full_rank"] or spec.get("joint") else None
-    groups = gorp.param_groups(model, lr=c["lr"], full_rank=full_rank, full_rank_lr=c["full_rank_lr"],
+    groups = gorp.param_groups(model, lr=c["lr"], rest_lr=c["ft_lr"], full_rank=full_rank, full_rank_lr=c["full_rank_lr"],
                                rank=c["rank"], update_proj_gap=c["update_proj_gap"], scale=c["scale"],
                                shared_space=spec.get("shared", False) and c["shared_space"],
                                train_rest=spec.get("rest", False), exact_svd=c["exact_svd"])

@@ -1,5 +1,5 @@
 """
-The built-in task suite: a small synthetic language and four yes/no questions about it,
+The built-in task suite: a small synthetic language and four two-way questions about it,
 generated deterministically from a seed and written in the benchmark's own layout (group TOY),
 so that `python train_cl.py` needs no download.
 
@@ -9,16 +9,16 @@ Every sentence tells of two animals, what one does to the other, where and when:
 
 and each task asks a different question of the same kind of sentence:
 
-    friendly   is what the first animal does friendly?   yes (helps)
-    water      does it happen by the water?              yes (river)
-    bird       is one of the animals a bird?             yes (owl)
-    night      does it happen in the dark?               yes (night)
+    friendly   is what the first animal does friendly or hostile?   friendly (helps)
+    water      does it happen by water or on land?                  water (river)
+    bird       is one of the animals a bird, or both mammals?       bird (owl)
+    night      does it happen at night or by day?                   night (night)
 
-All four answer with the same two words and differ only in the question, which the prompt's
-"Dataset:" line names. So training one task pulls the others' answers with it: a model that
-simply follows its latest task is right about half the time on the earlier ones (chance), which
-is the forgetting a continual-learning method must prevent. The suite also writes
-pretrain.json, unlabeled sentences of the language, to pretrain the default base model.
+Every task reads the same sentences and differs from the others only in its question and its
+two answer words, which the prompt's "Dataset:" and "Option:" lines name. A model that simply
+follows its latest task answers every question with that task's words, and is 0% right on the
+others: the forgetting that sequential fine-tuning shows on the real benchmark. The suite also
+writes pretrain.json, unlabeled stories of the language, to pretrain the default base model.
 
     python data/toy.py out/toy    # write the suite (train_cl.py does this by itself)
 """

@@ -1,0 +1,234 @@
+"""
+Where GORP's time and memory go, against the plain baselines, measured side by side in one run.
+
+    python bench.py               # the table, and bench.json; about five minutes on 2 CPU cores
+    python bench.py --quick       # fewer repeats and no GPT-2-small model, for a first look
+
+Every figure that matters is a ratio of two timings taken in the same run, interleaved, so a
+noisy shared machine moves both; absolute times are printed for information only.
+Targets (README.md, Performance) are checked at the end and printed as PASS or MISS.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import gorp
+import train_cl
+
+QUICK = "--quick" in sys.argv
+REPEATS = 3 if QUICK else 7
+
+
+def timed(fn, repeats=REPEATS):
+    """Median seconds of fn() over repeats, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def paired(fn_a, fn_b, repeats=REPEATS):
+    """Median of a and of b, timed alternately so drifts in machine load hit both alike."""
+    fn_a(), fn_b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, ts in ((fn_a, ta), (fn_b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def power_law(m, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U = torch.linalg.qr(torch.randn(m, k, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
+    return U * torch.arange(1, k + 1).float().pow(-0.5) @ V.t()
+
+
+def energy(A, Q):
+    return float((Q.t() @ A).pow(2).sum())
+
+
+# -----------------------------------------------------------------------------
+
+
+def bench_projector(results):
+    """The hand-rolled top-r factorisation against torch.linalg.svd on GPT-2 small's shapes."""
+    torch.manual_seed(0)
+    model = gorp.GPT(gorp.GPTConfig(n_layer=1, block_size=64))  # GPT-2 small's widths, one block
+    idx = torch.randint(0, 50257, (4, 64))
+    model(idx, torch.roll(idx, -1, 1))[1].backward()
+    block = model.transformer.h[0]
+    real = {(768, 2304): block.attn.c_attn.weight.grad.t(), (3072, 768): block.mlp.c_fc.weight.grad,
+            (768, 3072): block.mlp.c_fc.weight.grad.t(), (768, 768): block.attn.c_proj.weight.grad}
+    rows = []
+    for (m, n), G in real.items():
+        for r in (4, 8, 32):
+            for name, A in (("power law", power_law(m, n)), ("gradient", G)):
+                ours, exact = gorp.top_r_basis(A, r), gorp.top_r_basis(A, r, exact=True)
+                ratio = energy(A, ours) / energy(A, exact)
+                if name == "power law":
+                    t_ours, t_svd = paired(lambda: gorp.top_r_basis(A, r), lambda: torch.linalg.svd(A, full_matrices=False),
+                                           repeats=3)
+                rows.append(dict(shape=f"{m}x{n}", rank=r, matrix=name, energy_ratio=ratio,
+                                 ours_ms=1e3 * t_ours, svd_ms=1e3 * t_svd, speedup=t_svd / t_ours))
+    results["projector"] = rows
+    print("\nprojector refresh: hand-rolled top-r against torch.linalg.svd")
+    print(f"{'shape':>10} {'r':>3} {'matrix':>10} {'energy':>8} {'ours ms':>8} {'svd ms':>8} {'speedup':>8}")
+    for row in rows:
+        print(f"{row['shape']:>10} {row['rank']:>3} {row['matrix']:>10} {row['energy_ratio']:8.4f} "
+              f"{row['ours_ms']:8.2f} {row['svd_ms']:8.1f} {row['speedup']:7.1f}x")
+
+
+def optimizer_setups(model):
+    """The optimizers compared, each built fresh on the same model."""
+    def torch_adamw():
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return torch.optim.AdamW(model.parameters())
+    return {
+        "torch AdamW, all": torch_adamw,
+        "LoRA, plain Adam": lambda: gorp.GORP(gorp.param_groups(model)),
+        "GORP": lambda: gorp.GORP(gorp.param_groups(model, full_rank=r"mlp\.c_fc\.weight$", rank=8,
+                                                    update_proj_gap=10, shared_space=True)),
+    }
+
+
+def bench_optimizer_step(results, name, config):
+    """Seconds per optimizer step (a projector refresh every 10 steps included), with real
+    gradients held fixed; GORP's shared space is grown once first so its projections run."""
+    torch.manual_seed(0)
+    model = gorp.GPT(config)
+    gorp.inject_lora(model, r"attn\.c_attn$", r=8, alpha=16)
+    idx = torch.randint(0, config.vocab_size, (2, min(64, config.block_size)))
+    rows = {}
+    for label, make in optimizer_setups(model).items():
+        opt = make()
+        model.zero_grad(set_to_none=True)
+        model(idx, torch.roll(idx, -1, 1))[1].backward()
+        opt.step()
+        if isinstance(opt, gorp.GORP):
+            opt.grow_shared_space(0.9)
+
+        def ten_steps():
+            for _ in range(10):
+                opt.step()
+        rows[label] = dict(step_ms=1e3 * timed(ten_steps, repeats=3 if QUICK else 5) / 10, state_bytes=state_bytes(opt))
+    results[f"optimizer step, {name}"] = rows
+    print(f"\noptimizer step, {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
+    for label, row in rows.items():
+        print(f"  {label:<20} {row['step_ms']:9.2f} ms   state {row['state_bytes'] / 2 ** 20:8.2f} MB")
+
+
+def state_bytes(opt):
+    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+
+
+def bench_training(results):
+    """Tokens per second of each method of train_cl.py on the default model and toy suite,
+    and GORP against the same run with projection and shared space off."""
+    c = train_cl.parse_config(["--out_dir=out", "--log_every=1e9", "--max_train=256", "--epochs=1"])
+    c["_device"], c["_autocast"] = torch.device("cpu"), train_cl.nullcontext
+    c["_toy_dir"] = c["data_dir"] = os.path.join(c["out_dir"], "toy")
+    if not os.path.isfile(os.path.join(c["_toy_dir"], "pretrain.json")):
+        train_cl.toy.write_suite(c["_toy_dir"], seed=c["seed"])
+    enc, eot = train_cl.tokenizer()
+    tasks = train_cl.load_tasks(c, enc, eot)
+    torch.manual_seed(0)
+    base = gorp.GPT(gorp.GPTConfig(block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"]))
+    state, args = base.state_dict(), vars(base.config)
+    examples = tasks[0]["train"]
+
+    def throughput(method, projected=True):
+        spec = train_cl.METHODS[method]
+        model = train_cl.prepare_model(c, spec, state, args)
+        opt = train_cl.make_optimizer(c, spec, model)
+        if not projected:  # the same parameters, trained by plain Adam: no projector, no shared space
+            for g in opt.param_groups:
+                g["rank"], g["shared_space"] = None, False
+        else:
+            opt.load_shared_spaces({p: torch.linalg.qr(torch.randn(max(p.shape), 16))[0]
+                                    for g in opt.param_groups if g["shared_space"] for p in g["params"]})
+        tokens, seconds = train_cl.train_task(c, model, opt, examples, spec, "bench", lambda s: None)
+        return tokens / seconds, state_bytes(opt), sum(p.numel() for g in opt.param_groups for p in g["params"])
+
+    rows = {}
+    for method in train_cl.METHODS:
+        if method != "mtl":  # mtl trains like gorp, on more data
+            tps = [throughput(method) for _ in range(1 if QUICK else 2)]
+            rows[method] = dict(tokens_per_s=max(t[0] for t in tps), state_bytes=tps[0][1], trained=tps[0][2])
+    plain, ours = [], []
+    for _ in range(2 if QUICK else 3):  # interleaved pairs
+        plain.append(throughput("gorp", projected=False)[0])
+        ours.append(throughput("gorp")[0])
+    rows["gorp, projection and space off"] = dict(tokens_per_s=statistics.median(plain))
+    rows["gorp"]["tokens_per_s"] = statistics.median(ours)
+    results["training"] = rows
+    adamw_bytes = 2 * 4 * sum(p.numel() for p in base.parameters())
+    results["adamw_all_state_bytes"] = adamw_bytes
+    print(f"\ntraining throughput on the default model ({c['n_layer']} layers, {c['n_embd']} wide), toy task 1")
+    print(f"  {'method':<32}{'tokens/s':>10}{'trained params':>16}{'opt state MB':>14}{'vs AdamW all':>14}")
+    for m, row in rows.items():
+        extra = ""
+        if "state_bytes" in row:
+            extra = f"{row['trained']:16,}{row['state_bytes'] / 2 ** 20:14.2f}{row['state_bytes'] / adamw_bytes:13.3f}x"
+        print(f"  {m:<32}{row['tokens_per_s']:10,.0f}{extra}")
+    return tasks, state, args
+
+
+def bench_eval(results, tasks, state, args):
+    """Examples per second of greedy generation, with and without the KV cache."""
+    model = gorp.GPT(gorp.GPTConfig(**args))
+    model.load_state_dict(state)
+    model.eval()
+    prompts = [p for p, _ in tasks[0]["test"][:64]]
+    same = model.generate(prompts, 8) == model.generate(prompts, 8, use_cache=False)
+    t_cache, t_full = paired(lambda: model.generate(prompts, 8), lambda: model.generate(prompts, 8, use_cache=False))
+    results["eval"] = dict(cache_ex_per_s=len(prompts) / t_cache, recompute_ex_per_s=len(prompts) / t_full,
+                           speedup=t_full / t_cache, identical=same)
+    print(f"\ngreedy evaluation, 64 prompts, 8 new tokens: KV cache {len(prompts) / t_cache:,.0f} ex/s, "
+          f"recomputing the prefix {len(prompts) / t_full:,.0f} ex/s ({t_full / t_cache:.1f}x), identical outputs: {same}")
+
+
+def check_targets(results):
+    proj = [r for r in results["projector"] if r["shape"] == "768x3072" and r["rank"] == 8]
+    train = results["training"]
+    checks = [
+        ("refresh r=8 on 768x3072 at least 20x faster than svd", min(r["speedup"] for r in proj) >= 20),
+        ("... capturing at least 99% of the exact top-r energy", min(r["energy_ratio"] for r in proj) >= 0.99),
+        ("GORP throughput >= 0.95 x projection and space off",
+         train["gorp"]["tokens_per_s"] >= 0.95 * train["gorp, projection and space off"]["tokens_per_s"]),
+        ("GORP at least as fast as seqft", train["gorp"]["tokens_per_s"] >= train["seqft"]["tokens_per_s"]),
+        ("greedy eval with KV cache >= 3x recompute, same outputs",
+         results["eval"]["speedup"] >= 3 and results["eval"]["identical"]),
+    ]
+    results["targets"] = {name: ok for name, ok in checks}
+    print("\ntargets")
+    for name, ok in checks:
+        print(f"  {'PASS' if ok else 'MISS'}  {name}")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    results = dict(torch=torch.__version__, threads=torch.get_num_threads(), quick=QUICK)
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
+    bench_projector(results)
+    bench_optimizer_step(results, "default model", gorp.GPTConfig(block_size=128, n_layer=4, n_head=4, n_embd=128))
+    if not QUICK:
+        bench_optimizer_step(results, "GPT-2 small shapes", gorp.GPTConfig(block_size=128))
+    tasks, state, args = bench_training(results)
+    bench_eval(results, tasks, state, args)
+    check_targets(results)
+    with open("bench.json", "w") as f:
+        json.dump(results, f, indent=1)
+    print("wrote bench.json")
