@@ -388,7 +388,7 @@ import train_cl
 from data import benchmark
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_RUN = ["--init_from=scratch", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=96",
+TINY_RUN = ["--init_from=scratch", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=96", "--max_len=96",
             "--max_train=24", "--max_test=8", "--batch_size=8", "--epochs=1", "--eval_batch_size=8",
             "--log_every=0.0"]
 
@@ -452,6 +452,9 @@ def test_long_sentence_is_cut_inside_the_sentence():
     text = enc.decode(prompt)
     assert text.startswith("Task:TC\nDataset:agnews\nWhat is the topic") and text.endswith("word\nAnswer:")
     assert enc.decode(answer) == " Sports<|endoftext|>"
+    labels = ["World", "Science and Technology"]  # room is left for the longest answer, for decoding
+    prompt, answer = benchmark.encode_example(enc, "TC", "agnews", labels, record, 80, eot)
+    assert len(prompt) + len(enc.encode(" Science and Technology")) + 1 == 80
 
 
 def test_loader_reads_the_layout(tmp_path):
@@ -624,3 +627,18 @@ def test_killed_run_resumes_to_the_same_matrix(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resuming gorp after task 1" in r.stdout
     assert json.load(open(out / "results.json"))["acc"] == expected
+
+
+def test_two_processes_give_the_same_matrix_as_one(tmp_path):
+    """torchrun with two CPU processes (gloo) and the same global batch: the same matrix."""
+    data = two_tasks(tmp_path / "data")
+    args = [f"--data_dir={data}", *TINY_RUN, "--max_train=48"]
+    assert cli(*args, f"--out_dir={tmp_path / 'one'}").returncode == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        os.path.join(HERE, "train_cl.py"), *args, f"--out_dir={tmp_path / 'two'}"],
+                       capture_output=True, text=True, timeout=300, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "2 process(es)" in r.stdout
+    one = json.load(open(tmp_path / "one" / "results.json"))
+    two = json.load(open(tmp_path / "two" / "results.json"))
+    assert two["acc"] == one["acc"]

@@ -7,6 +7,7 @@ Continual learning, task after task, with GORP or a baseline, ending in the forg
     python train_cl.py config/my_run.py --lr=3e-4       # or a Python file of assignments
     python train_cl.py --data_dir=../CL_Benchmark --order=1 --init_from=gpt2   # the real benchmark
     python train_cl.py --help                           # every key, its default and what it does
+    torchrun --standalone --nproc_per_node=4 train_cl.py --data_dir=...   # data parallel on 4 GPUs
 
 After each task every task of the sequence is evaluated (greedy generation, exact match), so
 a[i][j] = accuracy on task j after training task i; the end prints that matrix with AA, BWT
@@ -24,6 +25,8 @@ import time
 from contextlib import nullcontext
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gorp
 from data import benchmark, toy
@@ -47,6 +50,7 @@ n_embd = 128
 block_size = 128
 pretrain_iters = 300  # steps of language-model pretraining for init_from=pretrain
 pretrain_lr = 3e-3
+pretrain_batch_size = 64  # sequences per pretraining step
 # the method (method.md §1-5)
 full_rank = True  # GORP's L: train the full_rank_pattern weights by projected Adam (ablation switch)
 shared_space = True  # GORP's S: the shared gradient space on LoRA A and the full-rank weights (ablation switch)
@@ -75,6 +79,7 @@ eval_batch_size = 64
 device = "auto"  # auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps
 dtype = "auto"  # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
 seed = 1337
+compile = False  # torch.compile the training forward pass (PyTorch 2, a GPU)
 resume = False  # continue an interrupted run in out_dir from its last finished task
 plot = False  # write out_dir/forgetting.png (needs matplotlib)
 log_every = 2.0  # seconds between progress lines
@@ -162,6 +167,8 @@ def check_config(c):
                 "n_layer", "n_head", "n_embd", "block_size"):
         if c[key] < 1:
             raise ConfigError(f"--{key} must be at least 1, got {c[key]}")
+    if c["init_from"] in ("scratch", "pretrain") and c["max_len"] > c["block_size"]:
+        raise ConfigError(f"--max_len {c['max_len']} is longer than --block_size {c['block_size']}")
     if not 0 < c["space_threshold"] <= 1:
         raise ConfigError(f"--space_threshold must be in (0, 1], got {c['space_threshold']}")
 
@@ -224,6 +231,8 @@ def collate(examples, device):
 
 def pick_device(c):
     name = c["device"]
+    if c["_world"] > 1 and torch.cuda.is_available() and name in ("auto", "cuda"):
+        name = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per process
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -287,7 +296,7 @@ def pretrained_base(c, model, enc, eot, log):
     log(f"pretraining a base model on {len(sentences)} sentences ({len(vocab)} distinct tokens), "
         f"{c['pretrain_iters']} steps; cached at {path}")
     for step in range(c["pretrain_iters"]):
-        batch = rng.sample(docs, min(c["batch_size"] * 4, len(docs)))
+        batch = rng.sample(docs, min(c["pretrain_batch_size"], len(docs)))
         T = min(max(map(len, batch)), c["block_size"])
         idx = torch.full((len(batch), T), eot)
         targets = torch.full((len(batch), T), -1)
@@ -306,7 +315,8 @@ def pretrained_base(c, model, enc, eot, log):
         if step % 50 == 0 or step == c["pretrain_iters"] - 1:
             log(f"  pretrain step {step}/{c['pretrain_iters']} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     model.cpu()
-    save_atomic(dict(model=model.state_dict(), model_args=vars(model.config)), path)
+    if c["_rank"] == 0:  # every process pretrained the same model from the same seed
+        save_atomic(dict(model=model.state_dict(), model_args=vars(model.config)), path)
     return model
 
 
@@ -351,8 +361,16 @@ class NonFinite(RuntimeError):
 
 
 def train_task(c, model, opt, examples, spec, task_name, log):
-    """One task: epochs over its examples in seeded random order. Returns (tokens, seconds)."""
+    """One task: epochs over its examples in seeded random order. Returns (tokens, seconds).
+    Under torchrun each process takes every world-th example of the global batch, and the loss
+    is weighted so that DDP's mean of gradients is the gradient of the global batch's mean loss."""
     model.train()
+    rank, world = c["_rank"], c["_world"]
+    forward = model
+    if c["compile"]:
+        forward = torch.compile(forward)
+    if world > 1:
+        forward = DDP(forward, device_ids=[c["_device"].index] if c["_device"].type == "cuda" else None)
     rng = random.Random(f"{c['seed']}-{task_name}")
     steps_per_epoch = math.ceil(len(examples) / c["batch_size"])
     total = steps_per_epoch * c["epochs"]
@@ -363,11 +381,16 @@ def train_task(c, model, opt, examples, spec, task_name, log):
         order = list(range(len(examples)))
         rng.shuffle(order)
         for i in range(0, len(order), c["batch_size"]):
-            idx, targets = collate([examples[j] for j in order[i: i + c["batch_size"]]], c["_device"])
+            batch = [examples[j] for j in order[i: i + c["batch_size"]]]
+            if len(batch) < world:
+                continue  # a last batch too small to give every process an example
+            idx, targets = collate(batch[rank::world], c["_device"])
             with c["_autocast"]():
-                logits, loss = model(idx, targets)
+                logits, loss = forward(idx, targets)
+            answer_tokens = sum(len(a) for _, a in batch)
+            local = loss * (sum(len(a) for _, a in batch[rank::world]) * world / answer_tokens)  # world 1: loss
             penalty = gorp.olora_penalty(model) if spec.get("olora") else None
-            objective = loss
+            objective = local
             if penalty is not None:
                 objective = loss + c["olora_lambda1"] * penalty
             if spec.get("olora") and c["olora_lambda2"]:
@@ -378,7 +401,7 @@ def train_task(c, model, opt, examples, spec, task_name, log):
             finite &= torch.isfinite(norm) & torch.isfinite(objective.detach())  # no host sync here
             opt.step()
             step += 1
-            tokens += int(idx.numel())
+            tokens += sum(len(p) + len(a) - 1 for p, a in batch)
             if time.time() - last_log >= c["log_every"] or step == total:
                 if not bool(finite):  # one sync per progress line, not per step
                     raise NonFinite(f"non-finite loss or gradient in task {task_name} at or before step {step}")
@@ -395,6 +418,7 @@ def evaluate(c, model, task, enc, eot):
     """Accuracy in percent: greedy generation, exact match after normalisation (method.md §6)."""
     model.eval()
     examples = sorted(task["test"], key=lambda e: len(e[0]))  # similar lengths batch together
+    examples = examples[c["_rank"]::c["_world"]]  # under torchrun each process takes its share
     max_new = max(len(enc.encode_ordinary(" " + label)) for label in task["labels"]) + 1
     right = 0
     for i in range(0, len(examples), c["eval_batch_size"]):
@@ -404,7 +428,11 @@ def evaluate(c, model, task, enc, eot):
         for out, (_, answer) in zip(outs, chunk):
             right += benchmark.normalize(enc.decode(out)) == benchmark.normalize(enc.decode(answer[:-1]))
     model.train()
-    return 100.0 * right / len(examples)
+    if c["_world"] > 1:
+        right = torch.tensor(right, device=c["_device"])
+        dist.all_reduce(right)
+        right = int(right)
+    return 100.0 * right / len(task["test"])
 
 
 def metrics(acc):
@@ -511,14 +539,16 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
                           tokens_per_second=round(tokens / max(seconds, 1e-9)), trainable_params=trainable,
                           projected_params=projected, optimizer_state_bytes=state_bytes))
         log(f"after {stage}: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, row)))
-        save_checkpoint(c, run_dir, model.cpu(), spaces, acc, stats, i + 1)
-        model.to(c["_device"])
+        if c["_rank"] == 0:
+            save_checkpoint(c, run_dir, model.cpu(), spaces, acc, stats, i + 1)
+            model.to(c["_device"])
     aa, bwt, forgetting = metrics(acc)
     results = dict(method=c["method"], tasks=names, acc=acc, AA=aa, BWT=bwt, forgetting=forgetting,
                    per_task=stats, config=public(c))
-    with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
+    if c["_rank"] == 0:
+        with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
     log(f"\n{c['method']}: accuracy (%) on each task (columns) after training each task (rows)\n"
         + matrix_table(acc, names))
     return results
@@ -568,6 +598,11 @@ def plot_results(all_results, path, log):
 
 def main(argv, log=print):
     c = parse_config(argv)
+    c["_rank"], c["_world"] = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if c["_world"] > 1 and not dist.is_initialized():  # launched by torchrun
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if c["_rank"] != 0:
+        log = lambda s: None  # one process speaks
     torch.manual_seed(c["seed"])
     random.seed(c["seed"])
     device, dtype = pick_device(c)
@@ -577,19 +612,19 @@ def main(argv, log=print):
     c["_toy_dir"] = os.path.join(c["out_dir"], "toy")
     if c["data_dir"] == "toy":
         c["data_dir"] = c["_toy_dir"]
-        if not os.path.isfile(os.path.join(c["_toy_dir"], "pretrain.json")):
+        if c["_rank"] == 0 and not os.path.isfile(os.path.join(c["_toy_dir"], "pretrain.json")):
             toy.write_suite(c["_toy_dir"], seed=c["seed"])
+        if c["_world"] > 1:
+            dist.barrier()  # the others read what process 0 wrote
     enc, eot = tokenizer()
     tasks = load_tasks(c, enc, eot)
     c["_task_names"] = [t["name"] for t in tasks]
     threads = torch.get_num_threads() if device.type == "cpu" else ""
-    log(f"device {device}{f' ({threads} threads)' if threads else ''}, dtype {dtype}; data {c['data_dir']}: "
+    log(f"device {device}{f' ({threads} threads)' if threads else ''}, dtype {dtype}, {c['_world']} process(es); data {c['data_dir']}: "
         + ", ".join(f"{t['name']} ({len(t['train'])}/{len(t['test'])})" for t in tasks))
     model = base_model(c, enc, eot, log)
-    longest = max(len(p) + len(a) for t in tasks for p, a in t["train"] + t["test"])
-    if longest > model.config.block_size:
-        raise ConfigError(f"examples reach {longest} tokens but the model's block_size is {model.config.block_size}: "
-                          "lower --max_len")
+    if c["max_len"] > model.config.block_size:
+        raise ConfigError(f"--max_len {c['max_len']} is longer than the model's block_size {model.config.block_size}")
     base_state, model_args = model.state_dict(), vars(model.config)
     methods = list(METHODS) if c["method"] == "all" else [c["method"]]
     all_results = []
@@ -600,8 +635,10 @@ def main(argv, log=print):
         all_results.append(run_method(mc, tasks, base_state, model_args, enc, eot, log))
     if len(all_results) > 1:
         log("\nall methods, same base model and data:\n" + comparison_table(all_results))
-    if c["plot"]:
+    if c["plot"] and c["_rank"] == 0:
         plot_results(all_results, os.path.join(c["out_dir"], "forgetting.png"), log)
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return all_results
 
 

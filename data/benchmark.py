@@ -125,17 +125,18 @@ def normalize(text):
 
 def encode_example(enc, group, task, labels, record, max_len, eot):
     """(prompt ids, answer ids). The answer is " " + label + <|endoftext|>: GPT-2 writes a word
-    after a colon with its leading space. A prompt too long for max_len loses the end of its
+    after a colon with its leading space. The prompt leaves room for the task's longest answer,
+    so that greedy decoding fits in max_len too; a prompt too long loses the end of its
     sentence, never the template or the "Answer:" tail."""
     head, tail = prompt_parts(group, task, labels)
     head_ids, tail_ids = enc.encode_ordinary(head), enc.encode_ordinary(tail)
     sentence_ids = enc.encode_ordinary(record["sentence"])
-    answer = enc.encode_ordinary(" " + record["label"]) + [eot]
-    room = max_len - len(head_ids) - len(tail_ids) - len(answer)
+    longest_answer = max(len(enc.encode_ordinary(" " + label)) for label in labels) + 1
+    room = max_len - len(head_ids) - len(tail_ids) - longest_answer
     if room < 1:
         raise DataError(f"max_len {max_len} leaves no room for a sentence of task {task} "
-                        f"(its template and answer take {max_len - room})")
-    return head_ids + sentence_ids[:room] + tail_ids, answer
+                        f"(its template and longest answer take {max_len - room})")
+    return head_ids + sentence_ids[:room] + tail_ids, enc.encode_ordinary(" " + record["label"]) + [eot]
 
 
 def pretraining_sentences(data_dir, exclude, cap=0, seed=0):
