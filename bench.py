@@ -139,7 +139,7 @@ def bench_training(results):
     and GORP against the same run with projection and shared space off."""
     c = train_cl.parse_config(["--out_dir=out", "--log_every=1e9", "--max_train=256", "--epochs=1"])
     c["_device"], c["_autocast"], c["_rank"], c["_world"] = torch.device("cpu"), train_cl.nullcontext, 0, 1
-    c["_toy_dir"] = c["data_dir"] = os.path.join(c["out_dir"], "toy")
+    c["_toy_dir"] = c["data_dir"] = os.path.join(c["out_dir"], f"toy-{c['seed']}")
     if not os.path.isfile(os.path.join(c["_toy_dir"], "pretrain.json")):
         train_cl.toy.write_suite(c["_toy_dir"], seed=c["seed"])
     enc, eot = train_cl.tokenizer()

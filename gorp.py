@@ -169,8 +169,7 @@ class GPT(nn.Module):
         for b, p in enumerate(prompts):
             idx[b, T - len(p):], valid[b, T - len(p):] = torch.tensor(p), True
         idx, valid = idx.to(device), valid.to(device)  # (B, T)
-        out = torch.empty(B, 0, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
         cache = [{} for _ in self.transformer.h] if use_cache else None
         new_idx = idx
         for _ in range(max_new_tokens):
@@ -181,21 +180,16 @@ class GPT(nn.Module):
             sees = (k_pos[None, :] <= q_pos[:, None]) & (valid[:, None, :] | (k_pos[None, :] == q_pos[:, None]))  # (B, n, S)
             x = new_idx if use_cache else idx  # with the cache, only the new positions are fed
             logits, _ = self(x, pos=pos[:, -n:], cache=cache, mask=sees[:, None])
-            next_token = logits[:, -1, :].argmax(-1)  # (B,)
-            done_before = done.clone()
+            new_idx = logits[:, -1, :].argmax(-1, keepdim=True)  # (B, 1)
+            out.append(new_idx)
             if stop_token is not None:
-                done |= next_token == stop_token
-            out = torch.cat([out, torch.where(done_before, -1, next_token)[:, None]], dim=1)
-            if bool(done.all()):
-                break
-            new_idx = next_token[:, None]  # (B, 1)
+                done |= new_idx[:, 0] == stop_token
+                if bool(done.all()):  # one host sync per token, to stop as soon as all rows have
+                    break
             idx = torch.cat([idx, new_idx], dim=1)
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
-        rows = []
-        for row in out.tolist():
-            row = [t for t in row if t != -1]
-            rows.append(row[: row.index(stop_token)] if stop_token in row else row)
-        return rows
+        rows = torch.cat(out, dim=1).tolist()
+        return [row[: row.index(stop_token)] if stop_token in row else row for row in rows]
 
     @classmethod
     def from_pretrained(cls, path_or_name):

@@ -36,7 +36,7 @@ from data import benchmark, toy
 # what and where
 method = "gorp"  # gorp, seqft, seqlora, inclora, olora, galore, mtl, or all (each in turn, one table)
 out_dir = "out"  # results.json, checkpoints and the cached base model go here
-data_dir = "toy"  # a CL_Benchmark-layout folder, or toy: the built-in suite, written to out_dir/toy
+data_dir = "toy"  # a CL_Benchmark-layout folder, or toy: the built-in suite, written to out_dir/toy-<seed>
 order = 0  # 1..6: a task order of the benchmark (method.md §6); 0: use tasks
 tasks = ""  # comma list of tasks in training order; empty with order 0: every task of data_dir
 max_train = 1000  # training examples per task at most (0: all)
@@ -528,7 +528,8 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
         state_bytes = opt.state_bytes()
         if spec.get("shared") and c["shared_space"]:
             sizes = opt.grow_shared_space(c["space_threshold"])
-            spaces = {n: opt.state[p]["space"].cpu() for n, p in named.items() if p in opt.state and "space" in opt.state[p]}
+            name_of = {p: n for n, p in named.items()}
+            spaces = {name_of[p]: S.cpu() for p, S in opt.shared_spaces().items()}  # by name, for the checkpoint
             log(f"  shared space: {sum(sizes.values())} directions over {len(sizes)} matrices")
         if spec["lora"] == "fresh":
             gorp.end_task(model)
@@ -540,8 +541,7 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
                           projected_params=projected, optimizer_state_bytes=state_bytes))
         log(f"after {stage}: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, row)))
         if c["_rank"] == 0:
-            save_checkpoint(c, run_dir, model.cpu(), spaces, acc, stats, i + 1)
-            model.to(c["_device"])
+            save_checkpoint(c, run_dir, model, spaces, acc, stats, i + 1)
     aa, bwt, forgetting = metrics(acc)
     results = dict(method=c["method"], tasks=names, acc=acc, AA=aa, BWT=bwt, forgetting=forgetting,
                    per_task=stats, config=public(c))
@@ -609,7 +609,7 @@ def main(argv, log=print):
     c["_device"] = device
     ptdtype = getattr(torch, dtype)
     c["_autocast"] = (lambda: torch.autocast(device.type, dtype=ptdtype)) if dtype != "float32" else nullcontext
-    c["_toy_dir"] = os.path.join(c["out_dir"], "toy")
+    c["_toy_dir"] = os.path.join(c["out_dir"], f"toy-{c['seed']}")  # the suite depends on the seed too
     if c["data_dir"] == "toy":
         c["data_dir"] = c["_toy_dir"]
         if c["_rank"] == 0 and not os.path.isfile(os.path.join(c["_toy_dir"], "pretrain.json")):
