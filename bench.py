@@ -14,8 +14,10 @@ import os
 import statistics
 import sys
 import time
+import warnings
 
-import torch
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's, when numpy is absent: harmless here
+import torch  # noqa: E402
 
 import gorp
 import train_cl

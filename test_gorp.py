@@ -280,7 +280,7 @@ def write_hf_checkpoint(folder, model, fmt):
         return
     header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
     for name, t in sd.items():
-        data = t.float().numpy().tobytes()
+        data = bytes(t.float().contiguous().view(torch.uint8).flatten().tolist())  # little-endian, as x86 and ARM
         header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)

@@ -22,9 +22,11 @@ import random
 import re
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
-import torch
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's, when numpy is absent: harmless here
+import torch  # noqa: E402
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -616,6 +618,7 @@ def main(argv, log=print):
             toy.write_suite(c["_toy_dir"], seed=c["seed"])
         if c["_world"] > 1:
             dist.barrier()  # the others read what process 0 wrote
+    task_list(c)  # a wrong folder or task name is named before anything slower happens
     enc, eot = tokenizer()
     tasks = load_tasks(c, enc, eot)
     c["_task_names"] = [t["name"] for t in tasks]
