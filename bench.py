@@ -75,20 +75,20 @@ def bench_projector(results):
             (768, 3072): block.mlp.c_fc.weight.grad.t(), (768, 768): block.attn.c_proj.weight.grad}
     rows = []
     for (m, n), G in real.items():
+        A = power_law(m, n)
         for r in (4, 8, 32):
-            for name, A in (("power law", power_law(m, n)), ("gradient", G)):
-                ours, exact = gorp.top_r_basis(A, r), gorp.top_r_basis(A, r, exact=True)
-                ratio = energy(A, ours) / energy(A, exact)
-                if name == "power law":
-                    t_ours, t_svd = paired(lambda: gorp.top_r_basis(A, r), lambda: torch.linalg.svd(A, full_matrices=False),
-                                           repeats=3)
-                rows.append(dict(shape=f"{m}x{n}", rank=r, matrix=name, energy_ratio=ratio,
-                                 ours_ms=1e3 * t_ours, svd_ms=1e3 * t_svd, speedup=t_svd / t_ours))
+            ratio = {name: energy(M, gorp.top_r_basis(M, r)) / energy(M, gorp.top_r_basis(M, r, exact=True))
+                     for name, M in (("power_law", A), ("gradient", G))}
+            t_ours, t_svd = paired(lambda: gorp.top_r_basis(A, r), lambda: torch.linalg.svd(A, full_matrices=False),
+                                   repeats=3)
+            rows.append(dict(shape=f"{m}x{n}", rank=r, energy_power_law=ratio["power_law"],
+                             energy_gradient=ratio["gradient"], ours_ms=1e3 * t_ours, svd_ms=1e3 * t_svd,
+                             speedup=t_svd / t_ours))
     results["projector"] = rows
-    print("\nprojector refresh: hand-rolled top-r against torch.linalg.svd")
-    print(f"{'shape':>10} {'r':>3} {'matrix':>10} {'energy':>8} {'ours ms':>8} {'svd ms':>8} {'speedup':>8}")
+    print("\nprojector refresh: hand-rolled top-r against torch.linalg.svd (energy: share of the exact top-r's)")
+    print(f"{'shape':>10} {'r':>3} {'energy, power law':>18} {'energy, gradient':>17} {'ours ms':>8} {'svd ms':>8} {'speedup':>8}")
     for row in rows:
-        print(f"{row['shape']:>10} {row['rank']:>3} {row['matrix']:>10} {row['energy_ratio']:8.4f} "
+        print(f"{row['shape']:>10} {row['rank']:>3} {row['energy_power_law']:18.4f} {row['energy_gradient']:17.4f} "
               f"{row['ours_ms']:8.2f} {row['svd_ms']:8.1f} {row['speedup']:7.1f}x")
 
 
@@ -101,6 +101,7 @@ def optimizer_setups(model):
     return {
         "torch AdamW, all": torch_adamw,
         "LoRA, plain Adam": lambda: gorp.GORP(gorp.param_groups(model)),
+        "LoRA + c_fc, plain Adam": lambda: gorp.GORP(gorp.param_groups(model, full_rank=r"mlp\.c_fc\.weight$", rank=None)),
         "GORP": lambda: gorp.GORP(gorp.param_groups(model, full_rank=r"mlp\.c_fc\.weight$", rank=8,
                                                     update_proj_gap=10, shared_space=True)),
     }
@@ -189,17 +190,21 @@ def bench_training(results):
 
 
 def bench_eval(results, tasks, state, args):
-    """Examples per second of greedy generation, with and without the KV cache."""
+    """Examples per second of greedy generation, with and without the KV cache. The cache saves
+    more the more tokens are generated: both 8 and 16 new tokens are measured."""
     model = gorp.GPT(gorp.GPTConfig(**args))
     model.load_state_dict(state)
     model.eval()
     prompts = [p for p, _ in tasks[0]["test"][:64]]
-    same = model.generate(prompts, 8) == model.generate(prompts, 8, use_cache=False)
-    t_cache, t_full = paired(lambda: model.generate(prompts, 8), lambda: model.generate(prompts, 8, use_cache=False))
-    results["eval"] = dict(cache_ex_per_s=len(prompts) / t_cache, recompute_ex_per_s=len(prompts) / t_full,
-                           speedup=t_full / t_cache, identical=same)
-    print(f"\ngreedy evaluation, 64 prompts, 8 new tokens: KV cache {len(prompts) / t_cache:,.0f} ex/s, "
-          f"recomputing the prefix {len(prompts) / t_full:,.0f} ex/s ({t_full / t_cache:.1f}x), identical outputs: {same}")
+    results["eval"] = {}
+    for new in (8, 16):
+        same = model.generate(prompts, new) == model.generate(prompts, new, use_cache=False)
+        t_cache, t_full = paired(lambda: model.generate(prompts, new), lambda: model.generate(prompts, new, use_cache=False))
+        results["eval"][new] = dict(cache_ex_per_s=len(prompts) / t_cache, recompute_ex_per_s=len(prompts) / t_full,
+                                    speedup=t_full / t_cache, identical=same)
+        print(f"\ngreedy evaluation, 64 prompts of the toy suite, {new} new tokens: KV cache {len(prompts) / t_cache:,.0f} "
+              f"ex/s, recomputing the prefix {len(prompts) / t_full:,.0f} ex/s ({t_full / t_cache:.1f}x), "
+              f"identical outputs: {same}")
 
 
 def check_targets(results):
@@ -207,12 +212,13 @@ def check_targets(results):
     train = results["training"]
     checks = [
         ("refresh r=8 on 768x3072 at least 20x faster than svd", min(r["speedup"] for r in proj) >= 20),
-        ("... capturing at least 99% of the exact top-r energy", min(r["energy_ratio"] for r in proj) >= 0.99),
+        ("... capturing at least 99% of the exact top-r energy",
+         min(min(r["energy_power_law"], r["energy_gradient"]) for r in proj) >= 0.99),
         ("GORP throughput >= 0.95 x projection and space off",
          train["gorp"]["tokens_per_s"] >= 0.95 * train["gorp, projection and space off"]["tokens_per_s"]),
         ("GORP at least as fast as seqft", train["gorp"]["tokens_per_s"] >= train["seqft"]["tokens_per_s"]),
-        ("greedy eval with KV cache >= 3x recompute, same outputs",
-         results["eval"]["speedup"] >= 3 and results["eval"]["identical"]),
+        ("greedy eval with KV cache >= 3x recompute at 16 new tokens, same outputs",
+         results["eval"][16]["speedup"] >= 3 and all(e["identical"] for e in results["eval"].values())),
     ]
     results["targets"] = {name: ok for name, ok in checks}
     print("\ntargets")

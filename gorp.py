@@ -391,8 +391,11 @@ def project(G, P, right):
     return G @ P.t() if right else P.t() @ G  # (m, r) or (r, n)
 
 
-def project_back(N, P, right):
-    return N @ P if right else P @ N  # (m, n)
+def add_projected_back(W, N, P, right, alpha):
+    """W += alpha * (N P) or alpha * (P N), as one fused multiply-add with no (m, n) temporary:
+    a full-rank weight is read and written once per step, no more."""
+    N, P = N.to(W.dtype), P.to(W.dtype)
+    W.addmm_(N, P, alpha=alpha) if right else W.addmm_(P, N, alpha=alpha)
 
 
 # -----------------------------------------------------------------------------
@@ -510,7 +513,8 @@ class GORP(torch.optim.Optimizer):
         N = self._adam_direction(state, G, group)
         if S is not None:  # Adam's elementwise division leaks back into S: take it off again
             N = remove_space(N.float().t(), S).t().to(N.dtype)
-        p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay, as AdamW
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay, as AdamW
         p.add_(N, alpha=-group["lr"])
 
     def _projected_step(self, p, group):
@@ -532,9 +536,9 @@ class GORP(torch.optim.Optimizer):
         N = self._adam_direction(state, R, group)
         if S is not None:  # the elementwise division leaks back into S: take it off again
             N = columns(remove_space(columns(N, right), S), right)
-        update = project_back(N, P, right)  # (m, n)
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-        p.add_(update.to(p.dtype), alpha=-group["lr"] * group["scale"])  # effective lr = lr * scale
+        if group["weight_decay"]:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        add_projected_back(p, N, P, right, alpha=-group["lr"] * group["scale"])  # effective lr = lr * scale
 
     # -- the shared space across tasks
 

@@ -590,6 +590,7 @@ def plot_results(all_results, path, log):
         for j, n in enumerate(names):
             ax.plot(range(1, len(acc) + 1), [row[j] for row in acc], marker="o", label=n)
         ax.set_ylim(0, 100)
+        ax.set_xticks(range(1, len(acc) + 1))
         ax.set_xlabel("tasks trained")
         ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=7)
