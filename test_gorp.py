@@ -642,3 +642,16 @@ def test_two_processes_give_the_same_matrix_as_one(tmp_path):
     one = json.load(open(tmp_path / "one" / "results.json"))
     two = json.load(open(tmp_path / "two" / "results.json"))
     assert two["acc"] == one["acc"]
+
+
+def test_summarize_averages_finished_runs(tmp_path):
+    for seed, aa in ((1, 40.0), (2, 60.0)):
+        for m in train_cl.METHODS:
+            os.makedirs(tmp_path / f"s{seed}" / m)
+            json.dump(dict(AA=aa, BWT=-aa / 2, forgetting=None if m == "mtl" else aa / 2),
+                      open(tmp_path / f"s{seed}" / m / "results.json", "w"))
+    table = train_cl.summary_table([str(tmp_path / "s1"), str(tmp_path / "s2")])
+    gorp_line = next(line for line in table.splitlines() if line.startswith("gorp"))
+    assert gorp_line.split()[1:4] == ["50.0", "±", "14.1"]
+    with pytest.raises(train_cl.ConfigError, match="is missing"):
+        train_cl.summary_table([str(tmp_path / "s1"), str(tmp_path / "nowhere")])

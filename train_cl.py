@@ -84,6 +84,7 @@ seed = 1337
 compile = False  # torch.compile the training forward pass (PyTorch 2, a GPU)
 resume = False  # continue an interrupted run in out_dir from its last finished task
 plot = False  # write out_dir/forgetting.png (needs matplotlib)
+summarize = ""  # comma list of finished --method=all out_dirs (other seeds): print mean and spread per method, train nothing
 log_every = 2.0  # seconds between progress lines
 CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 # -----------------------------------------------------------------------------
@@ -599,8 +600,32 @@ def plot_results(all_results, path, log):
     log(f"wrote {path}")
 
 
+def summary_table(out_dirs):
+    """Mean and standard deviation of AA, BWT and forgetting per method over finished runs."""
+    import statistics
+    lines = [f"{'method':<9}{'AA':>14}{'BWT':>14}{'forgetting':>14}   over {len(out_dirs)} runs"]
+    for m in METHODS:
+        runs = []
+        for d in out_dirs:
+            path = os.path.join(d, m, "results.json")
+            if not os.path.isfile(path):
+                raise ConfigError(f"--summarize: {path} is missing (run --method=all with --out_dir={d} first)")
+            with open(path) as f:
+                runs.append(json.load(f))
+        cells = []
+        for key in ("AA", "BWT", "forgetting"):
+            values = [r[key] for r in runs if r[key] is not None]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):7.1f} ± {spread:4.1f}" if values else f"{'-':>14}")
+        lines.append(f"{m:<9}" + "".join(f"{cell:>14}" for cell in cells))
+    return "\n".join(lines)
+
+
 def main(argv, log=print):
     c = parse_config(argv)
+    if c["summarize"]:
+        log(summary_table([d for d in c["summarize"].split(",") if d]))
+        return []
     c["_rank"], c["_world"] = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if c["_world"] > 1 and not dist.is_initialized():  # launched by torchrun
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
