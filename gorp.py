@@ -508,7 +508,9 @@ class GORP(torch.optim.Optimizer):
         """Plain Adam(W); for LoRA's A with a shared space, gradient and update are taken off it."""
         state, G = self.state[p], p.grad
         S = state.get("space") if group["shared_space"] else None
-        if S is not None:  # S (d_in, k): G_A <- G_A - G_A S S^T  (method.md §3)
+        # method.md §3, a decision: S lives on A's input side (d_in), which keeps its meaning when a
+        # fresh adapter starts; the released code keeps it in A's rank space, which does not
+        if S is not None:  # S (d_in, k): G_A <- G_A - G_A S S^T
             G = remove_space(G.float().t(), S).t().to(G.dtype)  # (r, d_in)
         N = self._adam_direction(state, G, group)
         if S is not None:  # Adam's elementwise division leaks back into S: take it off again
