@@ -457,11 +457,11 @@ class GORP(torch.optim.Optimizer):
         space, which grow_shared_space() extends at the end of a task. On a group without rank
         this is LoRA's A (the space lives on its input side, §3);
       - neither: plain Adam, or AdamW with weight_decay > 0, step for step as torch's AdamW.
-    All state is tensors, ints and strings, so state_dict() loads with weights_only=True."""
+    All state is tensors, ints and bools, so state_dict() loads with weights_only=True."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=None,
-                        update_proj_gap=200, scale=1.0, exact_svd=False, shared_space=False)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=None,  # GaLore's
+                        update_proj_gap=200, scale=1.0, exact_svd=False, shared_space=False)  # defaults
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
