@@ -395,7 +395,10 @@ def add_projected_back(W, N, P, right, alpha):
     """W += alpha * (N P) or alpha * (P N), as one fused multiply-add with no (m, n) temporary:
     a full-rank weight is read and written once per step, no more."""
     N, P = N.to(W.dtype), P.to(W.dtype)
-    W.addmm_(N, P, alpha=alpha) if right else W.addmm_(P, N, alpha=alpha)
+    if right:
+        W.addmm_(N, P, alpha=alpha)  # (m, r) @ (r, n)
+    else:
+        W.addmm_(P, N, alpha=alpha)  # (m, r) @ (r, n)
 
 
 # -----------------------------------------------------------------------------

@@ -399,8 +399,8 @@ def train_task(c, model, opt, examples, spec, task_name, log):
             local = loss * (sum(len(a) for _, a in batch[rank::world]) * world / answer_tokens)  # world 1: loss
             penalty = gorp.olora_penalty(model) if spec.get("olora") else None
             objective = local
-            if penalty is not None:
-                objective = loss + c["olora_lambda1"] * penalty
+            if penalty is not None:  # O-LoRA's penalty is the same on every process: not weighted
+                objective = objective + c["olora_lambda1"] * penalty
             if spec.get("olora") and c["olora_lambda2"]:
                 objective = objective + c["olora_lambda2"] * sum(m.lora_A.pow(2).sum() for _, m in gorp.lora_modules(model))
             opt.zero_grad(set_to_none=True)
