@@ -472,6 +472,55 @@ def test_loader_reads_the_layout(tmp_path):
     assert enc.decode(prompt) == "Task:COPA\nDataset:COPA\nIt rained.\nAnswer:"
 
 
+def test_negatives_keep_the_base_from_favouring_tokens_it_never_predicted(tmp_path):
+    """Pretraining's softmax covers the text's tokens alone; without negatives the other 50k
+    keep their random logits, and the base's full-vocabulary loss on its own text stays high."""
+    data = two_tasks(tmp_path / "data")
+    enc, eot = train_cl.tokenizer()
+    text = torch.tensor([[eot] + enc.encode_ordinary(f"the ball {i}") + [eot] for i in range(10)])  # the topic task's text
+    loss = {}
+    for negatives in (0, 4096):
+        out = tmp_path / f"out{negatives}"
+        train_cl.main([f"--data_dir={data}", f"--out_dir={out}", *TINY_RUN, "--init_from=pretrain", "--tasks=mood",
+                       "--pretrain_iters=150", "--pretrain_lr=1e-2", "--pretrain_batch_size=8",
+                       f"--pretrain_negatives={negatives}"], log=lambda s: None)
+        (path,) = [f for f in os.listdir(out) if f.startswith("base-")]
+        ckpt = torch.load(out / path, weights_only=True)
+        model = gorp.GPT(gorp.GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+        loss[negatives] = model(text[:, :-1], text[:, 1:])[1].item()  # over all 50257 tokens
+    assert loss[4096] < loss[0] - 1.0, loss
+
+
+def test_answered_pretraining_text_offers_its_answer_and_skips_the_sequence(tmp_path):
+    data = two_tasks(tmp_path / "data")
+    enc, eot = train_cl.tokenizer()
+    docs = [enc.decode(d) for d in benchmark.pretraining_text(data, {"mood"}, enc, eot, 96, answered=True)]
+    assert not any("Dataset:mood" in d for d in docs)  # the sequence's tasks are never pretrained on
+    kept = [d for d in docs if d.endswith(("Answer: sports<|endoftext|>", "Answer: politics<|endoftext|>"))]
+    renamed = [d for d in docs if d not in kept]
+    assert len(kept) == 24 and len(renamed) > 12  # every example as it is, and most once renamed
+    for d in renamed:
+        options = d.split("Option: ")[1].split(" \n")[0].split(", ")
+        answer = d.split("Answer: ")[1].removesuffix("<|endoftext|>")
+        assert answer in options and not {"sports", "politics"} & set(options)
+
+
+def test_valid_holds_out_training_examples_and_never_reads_test(tmp_path):
+    root = tmp_path / "bench"
+    write_task(root, "TC", "news", [dict(sentence=f"story {i}", label=["a", "b"][i % 2]) for i in range(30)], labels=["a", "b"])
+    (root / "TC" / "news" / "test.json").write_text("not JSON: reading it would fail")
+    c = train_cl.parse_config([f"--data_dir={root}", "--valid=True", "--max_test=6", "--max_train=0"])
+    c["_toy_dir"] = None
+    enc, eot = train_cl.tokenizer()
+    (task,) = train_cl.load_tasks(c, enc, eot)
+    train, test = ({enc.decode(p) for p, _ in task[split]} for split in ("train", "test"))
+    assert len(test) == 6 and len(train) == 24 and not train & test  # disjoint, and together all 30
+    c["valid"] = False
+    with pytest.raises(benchmark.DataError, match="not valid JSON"):  # the check above would notice a read
+        train_cl.load_tasks(c, enc, eot)
+
+
 @pytest.mark.parametrize("method", ["gorp", "olora"])
 def test_end_to_end_tiny_run(tmp_path, method):
     (results,) = run_cl(tmp_path, f"--method={method}")

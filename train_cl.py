@@ -15,6 +15,7 @@ and forgetting (method.md §6) and writes out_dir/results.json.
 """
 
 import ast
+import collections
 import hashlib
 import json
 import math
@@ -45,6 +46,7 @@ tasks = ""  # comma list of tasks in training order; empty with order 0: every t
 max_train = 1000  # training examples per task at most (0: all)
 max_test = 200  # test examples per task at most (0: all)
 max_len = 128  # tokens of prompt and answer at most; a longer sentence is cut, never the template
+valid = False  # tune: evaluate on max_test examples held out of each task's train.json (a fifth with 0), never on test.json
 # the model
 init_from = "pretrain"  # pretrain (a small GPT pretrained on data_dir's unlabeled text, cached), scratch, a checkpoint .pt, or a GPT-2 folder or name
 n_layer = 4  # model size when not loaded from a checkpoint
@@ -54,6 +56,9 @@ block_size = 128
 pretrain_iters = 300  # steps of language-model pretraining for init_from=pretrain
 pretrain_lr = 3e-3
 pretrain_batch_size = 64  # sequences per pretraining step
+pretrain_vocab = 8192  # the pretraining loss predicts the text's commonest tokens, this many at most
+pretrain_negatives = 0  # other tokens drawn into each pretraining step's softmax, to learn they are unlikely
+pretrain_answers = False  # pretrain on the other tasks' examples written as prompt and answer, not their bare sentences
 # the method (method.md §1-5)
 full_rank = True  # GORP's L: train the full_rank_pattern weights by projected Adam (ablation switch)
 shared_space = True  # GORP's S: the shared gradient space on LoRA A and the full-rank weights (ablation switch)
@@ -170,7 +175,7 @@ def check_config(c):
     if c["order"] and c["order"] not in benchmark.ORDERS:
         raise ConfigError(f"unknown order {c['order']}: orders are 1 to {len(benchmark.ORDERS)}")
     for key in ("rank", "lora_r", "update_proj_gap", "batch_size", "eval_batch_size", "epochs", "max_len",
-                "n_layer", "n_head", "n_embd", "block_size"):
+                "n_layer", "n_head", "n_embd", "block_size", "pretrain_vocab"):
         if c[key] < 1:
             raise ConfigError(f"--{key} must be at least 1, got {c[key]}")
     if c["init_from"] in ("scratch", "pretrain") and c["max_len"] > c["block_size"]:
@@ -206,13 +211,23 @@ def task_list(c):
 
 
 def load_tasks(c, enc, eot):
-    """Per task: its labels and its train and test examples as (prompt ids, answer ids)."""
+    """Per task: its labels and its train and test examples as (prompt ids, answer ids). With
+    valid, the test examples are held out of train.json instead, so tuning never sees test.json."""
     out = []
     for task, group in task_list(c):
-        data = {}
-        for split, cap in (("train", c["max_train"]), ("test", c["max_test"])):
-            records, labels = benchmark.load_split(c["data_dir"], group, task, split, cap, c["seed"])
-            data[split] = [benchmark.encode_example(enc, group, task, labels, r, c["max_len"], eot) for r in records]
+        if c["valid"]:
+            records, labels = benchmark.load_split(c["data_dir"], group, task, "train")
+            records = random.Random(c["seed"]).sample(records, len(records))
+            held = c["max_test"] or len(records) // 5
+            if held >= len(records):
+                raise benchmark.DataError(f"task {task} has {len(records)} training examples: too few to hold out {held}")
+            splits = dict(train=records[held:][: c["max_train"] or None], test=records[:held])
+        else:
+            splits = {}
+            for split, cap in (("train", c["max_train"]), ("test", c["max_test"])):
+                splits[split], labels = benchmark.load_split(c["data_dir"], group, task, split, cap, c["seed"])
+        data = {split: [benchmark.encode_example(enc, group, task, labels, r, c["max_len"], eot) for r in records]
+                for split, records in splits.items()}
         out.append(dict(name=task, group=group, labels=labels, **data))
     return out
 
@@ -283,9 +298,11 @@ def base_model(c, enc, eot, log):
 def pretrained_base(c, model, enc, eot, log):
     """Pretrain the small GPT on unlabeled text of data_dir (not the task sequence) as a
     language model, once; the result is cached in out_dir and reused by every later run."""
-    sentences = benchmark.pretraining_sentences(c["data_dir"], {t for t, _ in task_list(c)}, c["max_train"], c["seed"])
+    docs = benchmark.pretraining_text(c["data_dir"], {t for t, _ in task_list(c)}, enc, eot, c["block_size"],
+                                      c["pretrain_answers"], c["seed"])
     key = dict(model=vars(model.config), iters=c["pretrain_iters"], lr=c["pretrain_lr"], seed=c["seed"],
-               batch=c["pretrain_batch_size"], n=len(sentences), first=sentences[0][:64], last=sentences[-1][:64])
+               batch=c["pretrain_batch_size"], vocab=c["pretrain_vocab"], negatives=c["pretrain_negatives"],
+               answers=c["pretrain_answers"], n=len(docs), first=docs[0][:32], last=docs[-1][:32])
     path = os.path.join(c["out_dir"], f"base-{hash_of(key) % 10 ** 10}.pt")  # named by what made it
     if os.path.isfile(path):
         try:
@@ -294,15 +311,21 @@ def pretrained_base(c, model, enc, eot, log):
             raise ConfigError(f"cached base model {path} is unreadable ({str(e).splitlines()[0]}): delete it") from None
         log(f"base model: {path} (cached)")
         return model
-    docs = [enc.encode_ordinary(s)[: c["block_size"] - 1] + [eot] for s in sentences]
-    vocab = torch.tensor(sorted({t for d in docs for t in d}))  # the language's tokens
+    counts = collections.Counter(t for d in docs for t in d)
+    # a 50257-way softmax is most of the small model's cost, so the loss predicts the text's
+    # commonest tokens alone (rare ones are still read as inputs), and each step adds a fresh
+    # draw of pretrain_negatives other tokens that learn to stay unlikely: without them, the
+    # never-predicted tokens keep their random logits and outrank every word of the text
+    vocab = torch.tensor(sorted(t for t, _ in counts.most_common(c["pretrain_vocab"])))
     index = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
     index[vocab] = torch.arange(len(vocab))
+    others = (index == -1).nonzero().squeeze(1)  # (V - len(vocab),)
+    draw = torch.Generator().manual_seed(c["seed"])
     device = c["_device"]
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=c["pretrain_lr"], weight_decay=0.0, betas=(0.9, 0.95))
     rng, t0 = random.Random(c["seed"]), time.time()
-    log(f"pretraining a base model on {len(sentences)} sentences ({len(vocab)} distinct tokens), "
+    log(f"pretraining a base model on {len(docs)} texts (predicting {len(vocab)} of their {len(counts)} distinct tokens), "
         f"{c['pretrain_iters']} steps; cached at {path}")
     for step in range(c["pretrain_iters"]):
         batch = rng.sample(docs, min(c["pretrain_batch_size"], len(docs)))
@@ -316,7 +339,8 @@ def pretrained_base(c, model, enc, eot, log):
         for g in opt.param_groups:
             g["lr"] = lr_now
         with c["_autocast"]():
-            loss = model(idx.to(device), targets.to(device), vocab=vocab.to(device))[1]
+            negatives = others[torch.randperm(len(others), generator=draw)[: c["pretrain_negatives"]]]
+            loss = model(idx.to(device), targets.to(device), vocab=torch.cat([vocab, negatives]).to(device))[1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -612,7 +636,10 @@ def summary_table(out_dirs):
     """Mean and standard deviation of AA, BWT and forgetting per method over finished runs."""
     import statistics
     lines = [f"{'method':<9}{'AA':>14}{'BWT':>14}{'forgetting':>14}   over {len(out_dirs)} runs"]
-    for m in METHODS:
+    found = [{e for e in os.listdir(d) if os.path.isfile(os.path.join(d, e, "results.json"))}
+             for d in out_dirs if os.path.isdir(d)]
+    others = set.intersection(*found) - set(METHODS) if found else set()
+    for m in list(METHODS) + sorted(others):  # then the runs every out_dir holds besides, as the ablation's
         runs = []
         for d in out_dirs:
             path = os.path.join(d, m, "results.json")
@@ -658,7 +685,8 @@ def main(argv, log=print):
     c["_task_names"] = [t["name"] for t in tasks]
     threads = torch.get_num_threads() if device.type == "cpu" else ""
     log(f"device {device}{f' ({threads} threads)' if threads else ''}, dtype {dtype}, {c['_world']} process(es); data {c['data_dir']}: "
-        + ", ".join(f"{t['name']} ({len(t['train'])}/{len(t['test'])})" for t in tasks))
+        + ", ".join(f"{t['name']} ({len(t['train'])}/{len(t['test'])})" for t in tasks)
+        + (" | valid: the test sets are held out of train.json" if c["valid"] else ""))
     model = base_model(c, enc, eot, log)
     if c["max_len"] > model.config.block_size:
         raise ConfigError(f"--max_len {c['max_len']} is longer than the model's block_size {model.config.block_size}")
