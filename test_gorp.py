@@ -697,10 +697,11 @@ def test_summarize_averages_finished_runs(tmp_path):
     for seed, aa in ((1, 40.0), (2, 60.0)):
         for m in train_cl.METHODS:
             os.makedirs(tmp_path / f"s{seed}" / m)
-            json.dump(dict(AA=aa, BWT=-aa / 2, forgetting=None if m == "mtl" else aa / 2),
+            json.dump(dict(AA=aa, BWT=-aa / 2, forgetting=None if m == "mtl" else aa / 2, acc=[[aa, 0.0], [10.0, aa]]),
                       open(tmp_path / f"s{seed}" / m / "results.json", "w"))
     table = train_cl.summary_table([str(tmp_path / "s1"), str(tmp_path / "s2")])
     gorp_line = next(line for line in table.splitlines() if line.startswith("gorp"))
     assert gorp_line.split()[1:4] == ["50.0", "±", "14.1"]
+    assert gorp_line.split()[-3:] == ["50.0", "±", "14.1"]  # just learned: the diagonal, here (aa + aa) / 2
     with pytest.raises(train_cl.ConfigError, match="is missing"):
         train_cl.summary_table([str(tmp_path / "s1"), str(tmp_path / "nowhere")])

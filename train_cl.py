@@ -633,9 +633,10 @@ def plot_results(all_results, path, log):
 
 
 def summary_table(out_dirs):
-    """Mean and standard deviation of AA, BWT and forgetting per method over finished runs."""
+    """Mean and standard deviation of AA, BWT and forgetting per method over finished runs, and
+    of the accuracy on each task just after training it: what was learned, before any forgetting."""
     import statistics
-    lines = [f"{'method':<9}{'AA':>14}{'BWT':>14}{'forgetting':>14}   over {len(out_dirs)} runs"]
+    lines = [f"{'method':<9}{'AA':>14}{'BWT':>14}{'forgetting':>14}{'just learned':>14}   over {len(out_dirs)} runs"]
     found = [{e for e in os.listdir(d) if os.path.isfile(os.path.join(d, e, "results.json"))}
              for d in out_dirs if os.path.isdir(d)]
     others = set.intersection(*found) - set(METHODS) if found else set()
@@ -647,8 +648,10 @@ def summary_table(out_dirs):
                 raise ConfigError(f"--summarize: {path} is missing (run --method=all with --out_dir={d} first)")
             with open(path) as f:
                 runs.append(json.load(f))
+        for r in runs:  # mtl's one row is what it learned of every task
+            r["learned"] = sum(r["acc"][min(i, len(r["acc"]) - 1)][i] for i in range(len(r["acc"][-1]))) / len(r["acc"][-1])
         cells = []
-        for key in ("AA", "BWT", "forgetting"):
+        for key in ("AA", "BWT", "forgetting", "learned"):
             values = [r[key] for r in runs if r[key] is not None]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):7.1f} ± {spread:4.1f}" if values else f"{'-':>14}")
