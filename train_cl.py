@@ -48,7 +48,7 @@ max_test = 200  # test examples per task at most (0: all)
 max_len = 128  # tokens of prompt and answer at most; a longer sentence is cut, never the template
 valid = False  # tune: evaluate on max_test examples held out of each task's train.json (a fifth with 0), never on test.json
 # the model
-init_from = "pretrain"  # pretrain (a small GPT pretrained on data_dir's unlabeled text, cached), scratch, a checkpoint .pt, or a GPT-2 folder or name
+init_from = "pretrain"  # pretrain (a small GPT pretrained on data_dir's text outside the sequence, cached), scratch, a checkpoint .pt, or a GPT-2 folder or name
 n_layer = 4  # model size when not loaded from a checkpoint
 n_head = 4
 n_embd = 128
@@ -296,8 +296,8 @@ def base_model(c, enc, eot, log):
 
 
 def pretrained_base(c, model, enc, eot, log):
-    """Pretrain the small GPT on unlabeled text of data_dir (not the task sequence) as a
-    language model, once; the result is cached in out_dir and reused by every later run."""
+    """Pretrain the small GPT as a language model on the text of data_dir's tasks outside the
+    sequence (benchmark.pretraining_text), once; the result is cached in out_dir and reused."""
     docs = benchmark.pretraining_text(c["data_dir"], {t for t, _ in task_list(c)}, enc, eot, c["block_size"],
                                       c["pretrain_answers"], c["seed"])
     key = dict(model=vars(model.config), iters=c["pretrain_iters"], lr=c["pretrain_lr"], seed=c["seed"],
