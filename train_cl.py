@@ -48,7 +48,7 @@ max_test = 200  # test examples per task at most (0: all)
 max_len = 128  # tokens of prompt and answer at most; a longer sentence is cut, never the template
 valid = False  # tune: evaluate on max_test examples held out of each task's train.json (a fifth with 0), never on test.json
 # the model
-init_from = "pretrain"  # pretrain (a small GPT pretrained on data_dir's text outside the sequence, cached), scratch, a checkpoint .pt, or a GPT-2 folder or name
+init_from = "pretrain"  # pretrain (a small GPT pretrained on data_dir's text outside the sequence, cached), scratch, a checkpoint .pt, a Hugging Face folder or .gguf file, or a name: smollm2, gpt2
 n_layer = 4  # model size when not loaded from a checkpoint
 n_head = 4
 n_embd = 128
@@ -62,8 +62,9 @@ pretrain_answers = False  # pretrain on the other tasks' examples written as pro
 # the method (method.md §1-5)
 full_rank = True  # GORP's L: train the full_rank_pattern weights by projected Adam (ablation switch)
 shared_space = True  # GORP's S: the shared gradient space on LoRA A and the full-rank weights (ablation switch)
-lora_pattern = r"attn\.c_attn$"  # regex of the linears that get LoRA adapters
-full_rank_pattern = r"mlp\.c_fc\.weight$"  # regex of the weights GORP trains at full rank
+lora_pattern = "auto"  # regex of the linears that get LoRA adapters (auto: the model family's, FAMILY_PATTERNS)
+full_rank_pattern = "auto"  # regex of the weights GORP trains at full rank (auto: the family's)
+galore_pattern = "auto"  # regex of the weights galore trains by projected Adam (auto: every block matrix)
 lora_r = 8  # LoRA rank
 lora_alpha = 16.0  # LoRA scaling is lora_alpha / lora_r
 lora_dropout = 0.0
@@ -87,7 +88,7 @@ grad_clip = 1.0  # clip the gradient norm to this (0: off)
 eval_batch_size = 64
 # system
 device = "auto"  # auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps
-dtype = "auto"  # auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16, float16
+dtype = "auto"  # auto (bfloat16 autocast on a GPU or CPU with native bfloat16, else float32), float32, bfloat16, float16
 seed = 1337
 compile = False  # torch.compile the training forward pass (PyTorch 2, a GPU)
 resume = False  # continue an interrupted run in out_dir from its last finished task
@@ -107,8 +108,18 @@ METHODS = {
     "seqlora": dict(lora="one"),
     "inclora": dict(lora="fresh"),
     "olora": dict(lora="fresh", olora=True),
-    "galore": dict(lora="none", full_rank=r"\.(c_attn|c_proj|c_fc)\.weight$", rest=True),
+    "galore": dict(lora="none", full_rank="galore", rest=True),
     "mtl": dict(lora="fresh", full_rank="pattern", joint=True),
+}
+
+
+# The method's places in each model family: LoRA on the attention, GORP's full-rank weights in
+# the MLP. GPT-2: the fused c_attn and c_fc; the LLaMA family: the paper's own LLaMA-2 setting
+# (LoRA on q_proj and v_proj, full rank on gate_proj). galore trains every block matrix.
+FAMILY_PATTERNS = {
+    "gpt2": dict(lora=r"attn\.c_attn$", full_rank=r"mlp\.c_fc\.weight$", galore=r"\.(c_attn|c_proj|c_fc)\.weight$"),
+    "llama": dict(lora=r"self_attn\.(q_proj|v_proj)$", full_rank=r"mlp\.gate_proj\.weight$",
+                  galore=r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$"),
 }
 
 
@@ -188,14 +199,15 @@ def check_config(c):
 # the data
 
 
-def tokenizer():
-    import tiktoken  # GPT-2's BPE: the same token ids as GPT-2 checkpoints
+def tokenizer(init_from="pretrain"):
+    """The base model's own tokenizer (gorp.load_tokenizer) and its end token; the small GPTs made
+    here, and this project's checkpoints of them, read GPT-2's."""
+    source = "gpt2" if init_from in ("scratch", "pretrain") or init_from.endswith(".pt") else init_from
     try:
-        enc = tiktoken.get_encoding("gpt2")
-    except Exception as e:  # offline, and not yet cached
-        raise ConfigError(f"tiktoken cannot load its GPT-2 files ({type(e).__name__}); offline, point "
-                          "TIKTOKEN_CACHE_DIR at a folder holding them (README.md, 'Working offline')") from None
-    return enc, enc.eot_token
+        enc = gorp.load_tokenizer(source)
+    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
+        raise ConfigError(f"init_from {source}: {e}") from None
+    return enc, enc.end_token
 
 
 def task_list(c):
@@ -262,13 +274,40 @@ def pick_device(c):
         raise ConfigError("device mps is not available")
     if name != "cpu" and not name.startswith(("cuda", "mps")):
         raise ConfigError(f"unknown device {name!r}: auto, cpu, cuda, cuda:N or mps")
-    device = torch.device(name)
-    dtype = c["dtype"]
+    if c["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"unknown dtype {c['dtype']!r}: auto, float32, bfloat16 or float16")
+    return torch.device(name)
+
+
+def set_precision(c, width):
+    """Choose the autocast dtype for a model `width` wide; returns the choice in words. auto:
+    bfloat16 on a GPU that has it, and on a CPU that multiplies bfloat16 natively when the model is
+    512 or more wide. Below that, casts and elementwise work outweigh the faster matmuls: on this
+    project's 2-core AVX512_BF16 CPU the toy's 128-wide GPT trained 1.2x slower in bfloat16, while
+    SmolLM2 (576 wide) trains faster (bench.py). Weights and optimizer state stay float32."""
+    device, dtype, why = c["_device"], c["dtype"], ""
     if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"unknown dtype {dtype!r}: auto, float32, bfloat16 or float16")
-    return device, dtype
+        if device.type == "cuda":
+            fast, why = torch.cuda.is_bf16_supported(), "this GPU has bfloat16"
+        else:
+            fast = device.type == "cpu" and cpu_has_native_bf16() and width >= 512
+            why = f"this CPU has native bfloat16, the model is {width} wide" if fast else ""
+        dtype = "bfloat16" if fast else "float32"
+    ptdtype = getattr(torch, dtype)
+    c["_autocast"] = (lambda: torch.autocast(device.type, dtype=ptdtype)) if dtype != "float32" else nullcontext
+    return f"{dtype} autocast (auto: {why})" if why else f"{dtype} autocast" if dtype != "float32" else "float32"
+
+
+def cpu_has_native_bf16():
+    """True where the CPU multiplies bfloat16 in hardware (x86's AVX512_BF16 or AMX, ARM's BF16
+    extension): there a bfloat16 matmul runs several times faster than a float32 one (bench.py
+    measures it); elsewhere it is emulated, and slower. Read from the CPU's flags, not timed, so
+    the same machine makes the same choice every run."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return bool(re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", f.read()))
+    except OSError:
+        return False
 
 
 def base_model(c, enc, eot, log):
@@ -291,7 +330,7 @@ def base_model(c, enc, eot, log):
         return model
     try:
         return gorp.GPT.from_pretrained(init)
-    except (FileNotFoundError, KeyError, ValueError) as e:
+    except (FileNotFoundError, KeyError, ValueError, ImportError) as e:
         raise ConfigError(f"init_from {init}: {str(e).strip(chr(34))}") from None
 
 
@@ -362,14 +401,21 @@ def prepare_model(c, spec, base_state, model_args):
     model = gorp.GPT(gorp.GPTConfig(**model_args))
     model.load_state_dict(base_state)
     if spec["lora"] != "none":
-        gorp.inject_lora(model, c["lora_pattern"], c["lora_r"], c["lora_alpha"], c["lora_dropout"])
+        gorp.inject_lora(model, pattern(c, "lora", model), c["lora_r"], c["lora_alpha"], c["lora_dropout"])
     return model.to(c["_device"])
+
+
+def pattern(c, kind, model):
+    """The regex of the lora, full_rank or galore weights: the config's, or the model family's."""
+    return FAMILY_PATTERNS[model.config.family][kind] if c[f"{kind}_pattern"] == "auto" else c[f"{kind}_pattern"]
 
 
 def make_optimizer(c, spec, model):
     full_rank = spec.get("full_rank")
     if full_rank == "pattern":  # GORP's L, which the full_rank switch turns off
-        full_rank = c["full_rank_pattern"] if c["full_rank"] or spec.get("joint") else None
+        full_rank = pattern(c, "full_rank", model) if c["full_rank"] or spec.get("joint") else None
+    elif full_rank == "galore":
+        full_rank = pattern(c, "galore", model)
     groups = gorp.param_groups(model, lr=c["lr"], rest_lr=c["ft_lr"], full_rank=full_rank, full_rank_lr=c["full_rank_lr"],
                                rank=c["rank"], update_proj_gap=c["update_proj_gap"], scale=c["scale"],
                                shared_space=spec.get("shared", False) and c["shared_space"],
@@ -671,10 +717,7 @@ def main(argv, log=print):
         log = lambda s: None  # one process speaks
     torch.manual_seed(c["seed"])
     random.seed(c["seed"])
-    device, dtype = pick_device(c)
-    c["_device"] = device
-    ptdtype = getattr(torch, dtype)
-    c["_autocast"] = (lambda: torch.autocast(device.type, dtype=ptdtype)) if dtype != "float32" else nullcontext
+    device = c["_device"] = pick_device(c)
     c["_toy_dir"] = os.path.join(c["out_dir"], f"toy-{c['seed']}")  # the suite depends on the seed too
     if c["data_dir"] == "toy":
         c["data_dir"] = c["_toy_dir"]
@@ -683,14 +726,22 @@ def main(argv, log=print):
         if c["_world"] > 1:
             dist.barrier()  # the others read what process 0 wrote
     task_list(c)  # a wrong folder or task name is named before anything slower happens
-    enc, eot = tokenizer()
+    enc, eot = tokenizer(c["init_from"])
     tasks = load_tasks(c, enc, eot)
     c["_task_names"] = [t["name"] for t in tasks]
     threads = torch.get_num_threads() if device.type == "cpu" else ""
-    log(f"device {device}{f' ({threads} threads)' if threads else ''}, dtype {dtype}, {c['_world']} process(es); data {c['data_dir']}: "
+    log(f"device {device}{f' ({threads} threads)' if threads else ''}, {c['_world']} process(es); data {c['data_dir']}: "
         + ", ".join(f"{t['name']} ({len(t['train'])}/{len(t['test'])})" for t in tasks)
         + (" | valid: the test sets are held out of train.json" if c["valid"] else ""))
+    made_here = c["init_from"] in ("scratch", "pretrain")
+    if made_here:  # its width is known now, and its pretraining runs under the chosen autocast
+        precision = set_precision(c, c["n_embd"])
     model = base_model(c, enc, eot, log)
+    if not made_here:
+        precision = set_precision(c, model.config.n_embd)
+    where = "made here" if made_here else c["init_from"] if c["init_from"].endswith(".pt") else gorp.resolve(c["init_from"])
+    log(f"model {c['init_from']}: {model.config.family} family, {sum(p.numel() for p in model.parameters()):,} parameters, "
+        f"{model.config.n_layer} layers x {model.config.n_embd}, weights in float32 ({where}); {precision}")
     if c["max_len"] > model.config.block_size:
         raise ConfigError(f"--max_len {c['max_len']} is longer than the model's block_size {model.config.block_size}")
     base_state, model_args = model.state_dict(), vars(model.config)

@@ -124,12 +124,14 @@ def normalize(text):
 
 
 def encode_example(enc, group, task, labels, record, max_len, eot):
-    """(prompt ids, answer ids). The answer is " " + label + <|endoftext|>: GPT-2 writes a word
-    after a colon with its leading space. The prompt leaves room for the task's longest answer,
-    so that greedy decoding fits in max_len too; a prompt too long loses the end of its
-    sentence, never the template or the "Answer:" tail."""
+    """(prompt ids, answer ids). The answer is " " + label + the model's end token eot: a word
+    after a colon is written with its leading space. A tokenizer with a bos_token (Llama 3)
+    starts the prompt with it. The prompt leaves room for the task's longest answer, so that
+    greedy decoding fits in max_len too; a prompt too long loses the end of its sentence, never
+    the template or the "Answer:" tail."""
     head, tail = prompt_parts(group, task, labels)
-    head_ids, tail_ids = enc.encode_ordinary(head), enc.encode_ordinary(tail)
+    bos = [] if getattr(enc, "bos_token", None) is None else [enc.bos_token]
+    head_ids, tail_ids = bos + enc.encode_ordinary(head), enc.encode_ordinary(tail)
     sentence_ids = enc.encode_ordinary(record["sentence"])
     longest_answer = max(len(enc.encode_ordinary(" " + label)) for label in labels) + 1
     room = max_len - len(head_ids) - len(tail_ids) - longest_answer
