@@ -416,6 +416,12 @@ def olora_penalty(model):
     return torch.stack(terms).sum() if terms else None
 
 
+def olora_l2(model):
+    """O-LoRA's L2 term, as its code has it: the unsquared Frobenius norm of every parameter of
+    the new adapters, A and B, summed."""
+    return sum(torch.linalg.vector_norm(p) for _, m in lora_modules(model) for p in (m.lora_A, m.lora_B))
+
+
 # -----------------------------------------------------------------------------
 # 3. The projector: the project's own ("hand-rolled") top-r factorisation
 
@@ -520,15 +526,19 @@ class GORP(torch.optim.Optimizer):
       - rank (int), update_proj_gap (T), scale (alpha): a full-rank weight trained by Adam in
         the rank-r projected space of its gradient (method.md §2); exact_svd=True for
         torch.linalg.svd instead of the hand-rolled factorisation;
+        refresh_moments (keep, align, rotate): what Adam's moments do at a refresh (_carry_moments);
       - shared_space=True: gradients and updates are projected off the parameter's shared
-        space, which grow_shared_space() extends at the end of a task. On a group without rank
-        this is LoRA's A (the space lives on its input side, §3);
+        space, which grow_shared_space() extends at the end of a task from the first moment of
+        the gradient after (space_from=projected) or before (raw) the space is taken out. On a
+        group without rank this is LoRA's A (the space lives on its input side, §3);
       - neither: plain Adam, or AdamW with weight_decay > 0, step for step as torch's AdamW.
+    Weight decay, where set, is decoupled and never acts inside the shared space.
     All state is tensors, ints and bools, so state_dict() loads with weights_only=True."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=None,  # GaLore's
-                        update_proj_gap=200, scale=1.0, exact_svd=False, shared_space=False)  # defaults
+                        update_proj_gap=200, scale=1.0, exact_svd=False, refresh_moments="keep",  # defaults
+                        shared_space=False, space_from="projected")
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -578,12 +588,12 @@ class GORP(torch.optim.Optimizer):
         # method.md §3, a decision: S lives on A's input side (d_in), which keeps its meaning when a
         # fresh adapter starts; the released code keeps it in A's rank space, which does not
         if S is not None:  # S (d_in, k): G_A <- G_A - G_A S S^T
+            self._raw_moment(state, G, group)
             G = remove_space(G.float().t(), S).t().to(G.dtype)  # (r, d_in)
         N = self._adam_direction(state, G, group)
         if S is not None:  # Adam's elementwise division leaks back into S: take it off again
             N = remove_space(N.float().t(), S).t().to(N.dtype)
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay, as AdamW
+        self._decay(p, group, S, right=False)
         p.add_(N, alpha=-group["lr"])
 
     def _projected_step(self, p, group):
@@ -594,26 +604,66 @@ class GORP(torch.optim.Optimizer):
         right, step = state["proj_right"], state.get("step", 0)
         if step % group["update_proj_gap"] == 0:  # refresh every T steps, counted from the task's start
             basis = top_r_basis(G.t() if right else G, group["rank"], exact=group["exact_svd"], seed=step)
-            state["proj"] = basis.t() if right else basis  # (r, n) or (m, r)
-            # Adam's moments are kept across the refresh, as GaLore and the authors do: they
-            # are then read in slightly rotated coordinates, which works in practice.
+            new = basis.t() if right else basis  # (r, n) or (m, r)
+            if "exp_avg" in state:  # Adam's moments are coordinates in the old basis: see carry_moments
+                new = self._carry_moments(state, state["proj"], new, right, group["refresh_moments"])
+            state["proj"] = new
         P = state["proj"]
         R = project(G, P, right)  # (m, r) or (r, n)
         S = state.get("space") if group["shared_space"] else None
         if S is not None:  # take earlier tasks' directions out (method.md §2.3)
+            self._raw_moment(state, R, group)
             R = columns(remove_space(columns(R, right), S), right)
         N = self._adam_direction(state, R, group)
         if S is not None:  # the elementwise division leaks back into S: take it off again
             N = columns(remove_space(columns(N, right), S), right)
-        if group["weight_decay"]:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
+        self._decay(p, group, S, right)
         add_projected_back(p, N, P, right, alpha=-group["lr"] * group["scale"])  # effective lr = lr * scale
+
+    @staticmethod
+    def _carry_moments(state, old, new, right, how):
+        """method.md §5b. A refresh replaces the basis the moments are coordinates in: about 75% of
+        the subspace is kept at T = 10, but the vectors come back mixed, and with arbitrary signs
+        (a third or more flipped), so moments kept as they are (keep: GaLore's and the authors'
+        choice) are largely scrambled. align: flip each new vector to point as its old counterpart
+        did. rotate: carry the moments into the new basis, M <- M C with C = P_old P_new^T, the
+        (r, r) overlap of the two bases (V by C*C, so it stays a positive second moment).
+        Returns the new basis (align flips some of its vectors)."""
+        C = old @ new.t() if right else old.t() @ new  # (r, r): old vectors by new ones
+        if how == "align":
+            sign = torch.where(C.diagonal() < 0, -1.0, 1.0)  # (r,)
+            return new * sign[:, None] if right else new * sign[None, :]
+        if how == "rotate":
+            for key, carry in (("exp_avg", C), ("exp_avg_sq", C * C), ("exp_avg_raw", C)):
+                if key in state:
+                    state[key] = columns(columns(state[key], right) @ carry, right)
+        return new
+
+    def _raw_moment(self, state, R, group):
+        """space_from=raw: a first moment of the gradient before the shared space is taken out,
+        to grow the space from. The moment Adam keeps never holds S's directions, so GPM's rule
+        would find that S captures nothing of it, and every task would add directions."""
+        if group["space_from"] == "raw":
+            raw = state.setdefault("exp_avg_raw", torch.zeros_like(R))
+            raw.lerp_(R, 1 - group["betas"][0])
+
+    def _decay(self, p, group, S, right):
+        """Decoupled weight decay, as AdamW, but outside the shared space: decay inside it would
+        shrink the weight along the directions earlier tasks moved it."""
+        if not group["weight_decay"]:
+            return
+        if S is None:
+            p.mul_(1 - group["lr"] * group["weight_decay"])
+        else:
+            outside = columns(remove_space(columns(p.float(), right), S), right)
+            p.add_(outside.to(p.dtype), alpha=-group["lr"] * group["weight_decay"])
 
     # -- the shared space across tasks
 
     def grow_shared_space(self, threshold=0.9):
         """At the end of a task: grow every shared-space parameter's basis from its Adam first
-        moment (method.md §4). Returns {param: dimension of its space}."""
+        moment (method.md §4), or from the moment of the raw gradient (space_from=raw) where
+        there was a space to take out. Returns {param: dimension of its space}."""
         sizes = {}
         for group in self.param_groups:
             if not group["shared_space"]:
@@ -623,9 +673,22 @@ class GORP(torch.optim.Optimizer):
                 if "exp_avg" not in state:
                     continue  # never stepped in this task: nothing learned to protect
                 right = state.get("proj_right", False)  # a LoRA A (r, d_in) keeps its space like a left W
-                state["space"] = grow_space(state.get("space"), columns(state["exp_avg"], right), threshold)
+                M = state.get("exp_avg_raw", state["exp_avg"])
+                state["space"] = grow_space(state.get("space"), columns(M, right), threshold)
                 sizes[p] = state["space"].size(1)
         return sizes
+
+    @torch.no_grad()
+    def start_adapters_off_spaces(self):
+        """method.md §5b: a fresh adapter's A0 starts off its layer's shared space too
+        (A0 <- A0 - A0 S S^T). Only A's updates are kept off S, so B A0 would still act on the
+        protected inputs about as much as on any other subspace of their size."""
+        for group in self.param_groups:
+            if group["shared_space"] and not group["rank"]:
+                for p in group["params"]:
+                    S = self.state[p].get("space")
+                    if S is not None:
+                        p.copy_(remove_space(p.float().t(), S).t())  # (r, d_in)
 
     def shared_spaces(self):
         """{param: S} to carry into the next task's optimizer."""
@@ -641,8 +704,9 @@ class GORP(torch.optim.Optimizer):
                    if torch.is_tensor(t))
 
 
-def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, update_proj_gap=10,
-                 scale=1.0, shared_space=False, train_rest=False, rest_lr=None, exact_svd=False):
+def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, update_proj_gap=10, scale=1.0,
+                 shared_space=False, train_rest=False, rest_lr=None, exact_svd=False, refresh_moments="keep",
+                 space_from="projected"):
     """Sort a model's parameters into GORP's groups:
       - LoRA A and B of the active adapters, lr; A with the shared space if shared_space;
       - weights whose names match the regex full_rank: projected Adam at full_rank_lr;
@@ -659,9 +723,9 @@ def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, upda
             projected.append(p)
         elif train_rest and id(p) not in lora_base:
             rest.append(p)
-    groups = [dict(params=lora_A, lr=lr, shared_space=shared_space), dict(params=lora_B, lr=lr),
-              dict(params=projected, lr=full_rank_lr or lr, rank=rank, update_proj_gap=update_proj_gap,
-                   scale=scale, shared_space=shared_space, exact_svd=exact_svd),
+    groups = [dict(params=lora_A, lr=lr, shared_space=shared_space, space_from=space_from), dict(params=lora_B, lr=lr),
+              dict(params=projected, lr=full_rank_lr or lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+                   shared_space=shared_space, exact_svd=exact_svd, refresh_moments=refresh_moments, space_from=space_from),
               dict(params=rest, lr=rest_lr or lr)]
     groups = [g for g in groups if g["params"]]
     trained = {id(p) for g in groups for p in g["params"]}

@@ -137,10 +137,14 @@ def random_space(d, k, seed=1):
 
 
 @pytest.mark.parametrize("shape", [(48, 16), (16, 48)])
-def test_full_rank_update_avoids_shared_space(shape):
+@pytest.mark.parametrize("weight_decay,refresh", [(0.0, "keep"), (0.1, "keep"), (0.0, "align"), (0.1, "rotate")])
+def test_full_rank_update_avoids_shared_space(shape, weight_decay, refresh):
+    """Gradient, Adam's update and weight decay all stay off the shared space, whatever the
+    moments do at a refresh."""
     torch.manual_seed(0)
     W = torch.nn.Parameter(torch.randn(*shape))
-    opt = gorp.GORP([dict(params=[W], rank=4, update_proj_gap=3, shared_space=True)], lr=1e-2)
+    opt = gorp.GORP([dict(params=[W], rank=4, update_proj_gap=3, shared_space=True, refresh_moments=refresh)],
+                    lr=1e-2, weight_decay=weight_decay)
     right = gorp.projects_right(shape)
     S = random_space(max(shape), 5)  # the m side of a right-projected W, the n side of a left one
     opt.load_shared_spaces({W: S})
@@ -153,10 +157,11 @@ def test_full_rank_update_avoids_shared_space(shape):
         assert (S.t() @ cols).norm() / update.norm() < 1e-5
 
 
-def test_lora_A_update_avoids_shared_space():
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_lora_A_update_avoids_shared_space(weight_decay):
     model = tiny_model()
     groups = gorp.param_groups(model, lr=1e-2, shared_space=True)
-    opt = gorp.GORP(groups)
+    opt = gorp.GORP(groups, weight_decay=weight_decay)
     A_params = [m.lora_A for _, m in gorp.lora_modules(model)]
     opt.load_shared_spaces({A: random_space(A.size(1), 6) for A in A_params})
     idx, targets = batch()
@@ -170,6 +175,66 @@ def test_lora_A_update_avoids_shared_space():
             S = opt.state[A]["space"]
             assert step == 0 or update.norm() > 0
             assert step == 0 or (update @ S).norm() / update.norm() < 1e-5
+
+
+def adapter_share_in_space(model, opt):
+    """||B A S||^2 / ||B A||^2 over the adapters: how much the adapter acts on protected inputs."""
+    inside = total = 0.0
+    for _, m in gorp.lora_modules(model):
+        BA = m.lora_B @ m.lora_A  # (out, in)
+        inside += (BA @ opt.state[m.lora_A]["space"]).pow(2).sum().item()
+        total += BA.pow(2).sum().item()
+    return inside / total
+
+
+@pytest.mark.parametrize("off_space", [False, True])
+def test_fresh_adapter_can_start_off_the_shared_space(off_space):
+    model = tiny_model()
+    opt = gorp.GORP(gorp.param_groups(model, lr=1e-2, shared_space=True))
+    opt.load_shared_spaces({m.lora_A: random_space(16, 6) for _, m in gorp.lora_modules(model)})
+    if off_space:
+        opt.start_adapters_off_spaces()
+    train_steps(model, opt, 5)
+    share = adapter_share_in_space(model, opt)
+    assert share < 1e-10 if off_space else share > 1e-3  # a random 6 of 16 dims: about 6/16 of B A0's action
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_moments_carried_through_a_refresh(right):
+    """A refresh that returns the same subspace with its vectors reordered and flipped: rotate
+    keeps what the moment means (its back-projection); align undoes the flips; keep scrambles."""
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(12, 4, generator=g))[0]  # (12, 4)
+    old = Q.t() if right else Q  # (r, n) or (m, r)
+    flip = torch.tensor([1.0, -1.0, -1.0, 1.0])
+    new = (old * flip[:, None])[[1, 0, 3, 2]] if right else (old * flip[None, :])[:, [1, 0, 3, 2]]
+    M = torch.randn(7, 4, generator=g) if right else torch.randn(4, 7, generator=g)
+    back = lambda M, P: M @ P if right else P @ M  # noqa: E731  (the moment in the weight's coordinates)
+    state = dict(exp_avg=M.clone(), exp_avg_sq=M.abs())
+    gorp.GORP._carry_moments(state, old, new, right, "rotate")
+    assert torch.allclose(back(state["exp_avg"], new), back(M, old), atol=1e-5)
+    assert (state["exp_avg_sq"] >= 0).all()
+    assert not torch.allclose(back(M, new), back(M, old), atol=1e-2)  # keep: the same numbers mean another thing
+    flipped = old * flip[:, None] if right else old * flip[None, :]
+    aligned = gorp.GORP._carry_moments(dict(exp_avg=M), old, flipped, right, "align")
+    assert torch.allclose(aligned, old)
+
+
+@pytest.mark.parametrize("space_from,grows", [("projected", True), ("raw", False)])
+def test_space_grown_from_the_raw_moment_credits_what_it_holds(space_from, grows):
+    """A task whose gradients lie almost wholly in the shared space (1% of their energy outside)
+    adds no direction when the space grows from the raw gradient's moment; from the moment of the
+    gradient with the space taken out, 'captured' is 0 and it adds directions for the 1%."""
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(40, 10))  # right-projected: the space lives on the 40 side
+    opt = gorp.GORP([dict(params=[W], rank=4, update_proj_gap=100, shared_space=True, space_from=space_from)], lr=1e-3)
+    S = random_space(40, 6)
+    opt.load_shared_spaces({W: S})
+    for _ in range(5):
+        W.grad = S @ torch.randn(6, 10) + 0.1 * torch.randn(40, 10) / 40 ** 0.5 * 6 ** 0.5
+        opt.step()
+    added = opt.grow_shared_space(0.9)[W] - 6
+    assert (added > 0) == grows
 
 
 # --- growth of the shared space (GPM's energy rule)
@@ -238,6 +303,32 @@ def test_lora_starts_as_base_model_and_merge_is_exact():
     assert torch.allclose(logits(model), unmerged, atol=1e-5)
     for _, m in gorp.lora_modules(model):
         assert m.old_A.shape == (4, 16) and torch.all(m.lora_B == 0)
+
+
+def test_olora_l2_is_the_unsquared_norm_of_A_and_B():
+    model = tiny_model()
+    with torch.no_grad():
+        for _, m in gorp.lora_modules(model):
+            m.lora_B.normal_()
+    modules = [m for _, m in gorp.lora_modules(model)]
+    expected = sum(m.lora_A.norm() + m.lora_B.norm() for m in modules)
+    assert torch.allclose(gorp.olora_l2(model), expected)
+    with torch.no_grad():  # unsquared: twice the adapter, twice the term (a squared norm would be 4x)
+        for m in modules:
+            m.lora_A.mul_(2), m.lora_B.mul_(2)
+    assert torch.allclose(gorp.olora_l2(model), 2 * expected)
+    gorp.olora_l2(model).backward()
+    assert torch.allclose(modules[0].lora_B.grad, modules[0].lora_B / modules[0].lora_B.norm())
+
+
+def test_unlisted_labels_are_left_out_and_named(tmp_path):
+    good = [dict(sentence="a b", label="x"), dict(sentence="c d", label="y")]
+    write_task(tmp_path, "NLI", "t", good + [dict(sentence="e", label="-")] * 3 + [dict(sentence="f", label="yy")],
+               labels=["x", "y"])
+    lines = []
+    records, _ = benchmark.load_split(str(tmp_path), "NLI", "t", "train", log=lines.append)
+    assert [r["label"] for r in records] == ["x", "y"]
+    assert lines == ["t: 4 records of train.json left out, labelled '-' (3), 'yy' (1), which labels.json does not list"]
 
 
 def test_olora_penalty_is_zero_for_orthogonal_A():
@@ -894,7 +985,7 @@ def bad_folder(tmp_path, kind):
     elif kind == "no_sentence":
         write_task(root, "TC", "t", [dict(label="x")], labels=["x", "y"])
     elif kind == "unknown_label":
-        write_task(root, "TC", "t", good + [dict(sentence="e", label="z")], labels=["x", "y"])
+        write_task(root, "TC", "t", [dict(sentence="e", label="z")], labels=["x", "y"])
     elif kind == "empty_task":
         write_task(root, "TC", "t", [], labels=["x", "y"], test=[])
     elif kind == "no_task":
@@ -904,7 +995,7 @@ def bad_folder(tmp_path, kind):
 
 @pytest.mark.parametrize("kind,message", [
     ("invalid_json", "is not valid JSON"), ("no_sentence", 'lacks a "label" or a "sentence"'),
-    ("unknown_label", "which labels.json does not list"), ("empty_task", "is empty"), ("no_task", "holds no task")])
+    ("unknown_label", "no record has a label that labels.json lists"), ("empty_task", "is empty"), ("no_task", "holds no task")])
 def test_bad_data_is_named(tmp_path, kind, message):
     with pytest.raises(benchmark.DataError, match=message):
         train_cl.main([f"--data_dir={bad_folder(tmp_path, kind)}", f"--out_dir={tmp_path / 'out'}", *TINY_RUN],
@@ -917,7 +1008,7 @@ def test_bad_data_is_named(tmp_path, kind, message):
     ("--init_from=not_a_folder", train_cl.ConfigError, "no model at not_a_folder"),
     ("--device=tpu", train_cl.ConfigError, "unknown device"),
     ("--device=cuda:0" if not torch.cuda.is_available() else "--device=mps:9", train_cl.ConfigError, "not available"),
-    ("--resume=True", train_cl.ConfigError, "no checkpoint in"),
+    ("--resume=True", train_cl.ConfigError, "does not exist, so there is no run to resume"),
 ])
 def test_bad_arguments_are_named(tmp_path, arg, error, message):
     with pytest.raises(error, match=message):
@@ -964,6 +1055,38 @@ def test_killed_run_resumes_to_the_same_matrix(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "resuming gorp after task 1" in r.stdout
     assert json.load(open(out / "results.json"))["acc"] == expected
+
+
+def test_run_killed_before_its_first_checkpoint_resumes_from_its_start(tmp_path):
+    data = two_tasks(tmp_path / "data")
+    args = [f"--data_dir={data}", *TINY_RUN, "--max_train=200", "--batch_size=4"]
+    assert cli(*args, f"--out_dir={tmp_path / 'whole'}").returncode == 0
+    expected = json.load(open(tmp_path / "whole" / "results.json"))["acc"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train_cl.py"), *args, f"--out_dir={out}"],
+                            stdout=subprocess.PIPE, text=True, cwd=HERE)
+    for line in proc.stdout:  # kill it inside the first task: no checkpoint yet
+        if line.startswith("  mood step"):
+            proc.kill()
+            break
+    proc.wait()
+    assert os.path.isdir(out) and not os.path.exists(out / "ckpt.pt")
+    r = cli(*args, f"--out_dir={out}", "--resume=True")
+    assert r.returncode == 0, r.stderr
+    assert "starts from its beginning" in r.stdout
+    assert json.load(open(out / "results.json"))["acc"] == expected
+
+
+def test_resuming_a_comparison_finishes_every_method(tmp_path):
+    """--method=all --resume=True after a cut in the second method: the first is taken from its
+    checkpoint, the second and the rest are run, and every matrix is an uninterrupted run's."""
+    args = ["--method=all", "--max_train=8", "--max_test=4"]
+    whole = {r["method"]: r["acc"] for r in run_cl(tmp_path / "whole", *args)}
+    cut = tmp_path / "cut"
+    run_cl(cut, "--method=gorp", "--max_train=8", "--max_test=4", f"--out_dir={cut / 'out' / 'gorp'}")
+    os.remove(cut / "out" / "gorp" / "results.json")  # as if killed just after its last checkpoint
+    results = run_cl(cut, *args, "--resume=True")
+    assert {r["method"]: r["acc"] for r in results} == whole
 
 
 def test_two_processes_give_the_same_matrix_as_one(tmp_path):

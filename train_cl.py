@@ -73,16 +73,28 @@ update_proj_gap = 10  # T: steps between projector refreshes (the paper's 10)
 scale = 1.0  # alpha: the projected update is scaled by it, so the effective lr is full_rank_lr * scale
 space_threshold = 0.9  # eps: energy of a task's first moment the shared space must capture
 olora_lambda1 = 0.5  # O-LoRA's orthogonality weight
-olora_lambda2 = 0.0  # O-LoRA's L2 weight on the new A
+olora_lambda2 = 0.0  # O-LoRA's L2 weight: on the unsquared norms of the new adapter's A and B (its 15-task runs: 0.1)
 exact_svd = False  # torch.linalg.svd instead of the hand-rolled factorisation
-# training. The learning rates are the project's one canonical set at this scale, chosen on the toy
-# suite: the paper's (LoRA 1e-3, full rank 1e-5, for T5-large) did not learn its tasks in two
-# epochs; AdamW on every weight at 1e-3 or more failed to learn the later tasks, 3e-4 learns all.
+# three questions the paper leaves open (method.md §5b), each a switch; defaults measured (README.md, "Open questions")
+fresh_A_off_space = False  # a fresh adapter's A starts off its layer's shared space, not only its updates
+refresh_moments = "keep"  # at a projector refresh Adam's moments are kept (GaLore's way), sign-aligned (align), or carried into the new basis (rotate)
+space_from = "projected"  # the shared space grows from the first moment of the gradient after (projected) or before (raw) the space is taken out
+galore_rank = 8  # galore's projector rank (GORP's, so the two project alike)
+galore_update_proj_gap = 200  # galore's T, as GaLore's README trains
+galore_scale = 0.25  # galore's alpha, as GaLore's README trains: its effective lr on the matrices is galore_lr * 0.25
+# training. Every method has its own learning rate, each chosen by the same procedure: a sweep on
+# examples held out of the toy suite's training sets (--valid=True), never on test sets; the
+# sweep and its figures are in README.md, "Tuning". The paper's (LoRA 1e-3, full rank 1e-5) are
+# for T5-large and did not learn the toy tasks in two epochs.
 epochs = 2  # passes over each task's training data
 batch_size = 16
-lr = 3e-3  # LoRA adapters
-ft_lr = 3e-4  # weights trained directly by AdamW, with no adapter or projection (seqft; galore's embeddings and norms)
-full_rank_lr = 3e-3  # projected full-rank weights (the paper's 1e-5 is for T5-large)
+lr = 3e-3  # gorp's (and mtl's) LoRA adapters
+full_rank_lr = 3e-3  # gorp's projected full-rank weights: the effective lr is full_rank_lr * scale
+seqlora_lr = 3e-3  # seqlora's one adapter
+inclora_lr = 3e-3  # inclora's adapters
+olora_lr = 3e-3  # olora's adapters
+ft_lr = 3e-4  # seqft: AdamW on every weight
+galore_lr = 1e-3  # galore: one lr for every weight, as GaLore's usage (the matrices' effective lr is galore_lr * galore_scale)
 weight_decay = 0.0
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
 eval_batch_size = 64
@@ -101,15 +113,16 @@ CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") an
 # Each method is a small configuration of the same adapter and optimizer machinery:
 #   lora: none, one (a single adapter through all tasks), fresh (a new adapter per task, the
 #   old merged); full_rank: the regex of weights trained by projected Adam; shared: the
-#   shared space; rest: train every other weight by plain AdamW; joint: one model on all tasks.
+#   shared space; rest: train every other weight by plain AdamW; joint: one model on all tasks;
+#   lr: the config key that holds the method's own learning rate.
 METHODS = {
-    "gorp": dict(lora="fresh", full_rank="pattern", shared=True),
-    "seqft": dict(lora="none", rest=True),
-    "seqlora": dict(lora="one"),
-    "inclora": dict(lora="fresh"),
-    "olora": dict(lora="fresh", olora=True),
-    "galore": dict(lora="none", full_rank="galore", rest=True),
-    "mtl": dict(lora="fresh", full_rank="pattern", joint=True),
+    "gorp": dict(lora="fresh", full_rank="pattern", shared=True, lr="lr"),
+    "seqft": dict(lora="none", rest=True, lr="ft_lr"),
+    "seqlora": dict(lora="one", lr="seqlora_lr"),
+    "inclora": dict(lora="fresh", lr="inclora_lr"),
+    "olora": dict(lora="fresh", olora=True, lr="olora_lr"),
+    "galore": dict(lora="none", full_rank="galore", rest=True, lr="galore_lr"),
+    "mtl": dict(lora="fresh", full_rank="pattern", joint=True, lr="lr"),
 }
 
 
@@ -185,12 +198,15 @@ def check_config(c):
         raise ConfigError(f"unknown method {c['method']!r}: choose one of {', '.join(METHODS)}, all")
     if c["order"] and c["order"] not in benchmark.ORDERS:
         raise ConfigError(f"unknown order {c['order']}: orders are 1 to {len(benchmark.ORDERS)}")
-    for key in ("rank", "lora_r", "update_proj_gap", "batch_size", "eval_batch_size", "epochs", "max_len",
+    for key in ("rank", "lora_r", "update_proj_gap", "galore_rank", "galore_update_proj_gap", "batch_size", "eval_batch_size", "epochs", "max_len",
                 "n_layer", "n_head", "n_embd", "block_size", "pretrain_vocab"):
         if c[key] < 1:
             raise ConfigError(f"--{key} must be at least 1, got {c[key]}")
     if c["init_from"] in ("scratch", "pretrain") and c["max_len"] > c["block_size"]:
         raise ConfigError(f"--max_len {c['max_len']} is longer than --block_size {c['block_size']}")
+    for key, allowed in (("refresh_moments", ("keep", "align", "rotate")), ("space_from", ("projected", "raw"))):
+        if c[key] not in allowed:
+            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
     if not 0 < c["space_threshold"] <= 1:
         raise ConfigError(f"--space_threshold must be in (0, 1], got {c['space_threshold']}")
 
@@ -222,13 +238,13 @@ def task_list(c):
     return [(t, found[t]) for t in names]
 
 
-def load_tasks(c, enc, eot):
+def load_tasks(c, enc, eot, log=print):
     """Per task: its labels and its train and test examples as (prompt ids, answer ids). With
     valid, the test examples are held out of train.json instead, so tuning never sees test.json."""
     out = []
     for task, group in task_list(c):
         if c["valid"]:
-            records, labels = benchmark.load_split(c["data_dir"], group, task, "train")
+            records, labels = benchmark.load_split(c["data_dir"], group, task, "train", log=log)
             records = random.Random(c["seed"]).sample(records, len(records))
             held = c["max_test"] or len(records) // 5
             if held >= len(records):
@@ -237,7 +253,7 @@ def load_tasks(c, enc, eot):
         else:
             splits = {}
             for split, cap in (("train", c["max_train"]), ("test", c["max_test"])):
-                splits[split], labels = benchmark.load_split(c["data_dir"], group, task, split, cap, c["seed"])
+                splits[split], labels = benchmark.load_split(c["data_dir"], group, task, split, cap, c["seed"], log)
         data = {split: [benchmark.encode_example(enc, group, task, labels, r, c["max_len"], eot) for r in records]
                 for split, records in splits.items()}
         out.append(dict(name=task, group=group, labels=labels, **data))
@@ -411,16 +427,19 @@ def pattern(c, kind, model):
 
 
 def make_optimizer(c, spec, model):
-    full_rank = spec.get("full_rank")
+    lr = c[spec["lr"]]  # the method's own learning rate
+    full_rank, projector = spec.get("full_rank"), dict(full_rank_lr=c["full_rank_lr"], rank=c["rank"],
+                                                       update_proj_gap=c["update_proj_gap"], scale=c["scale"])
     if full_rank == "pattern":  # GORP's L, which the full_rank switch turns off
         full_rank = pattern(c, "full_rank", model) if c["full_rank"] or spec.get("joint") else None
-    elif full_rank == "galore":
-        full_rank = pattern(c, "galore", model)
-    groups = gorp.param_groups(model, lr=c["lr"], rest_lr=c["ft_lr"], full_rank=full_rank, full_rank_lr=c["full_rank_lr"],
-                               rank=c["rank"], update_proj_gap=c["update_proj_gap"], scale=c["scale"],
+    elif full_rank == "galore":  # GaLore's own usage: one lr for every weight, its own rank, gap and scale
+        full_rank, projector = pattern(c, "galore", model), dict(full_rank_lr=lr, rank=c["galore_rank"], scale=c["galore_scale"],
+                                                                 update_proj_gap=c["galore_update_proj_gap"])
+    groups = gorp.param_groups(model, lr=lr, rest_lr=lr, full_rank=full_rank, **projector,
                                shared_space=spec.get("shared", False) and c["shared_space"],
-                               train_rest=spec.get("rest", False), exact_svd=c["exact_svd"])
-    return gorp.GORP(groups, lr=c["lr"], betas=(0.9, 0.999), weight_decay=c["weight_decay"])
+                               train_rest=spec.get("rest", False), exact_svd=c["exact_svd"],
+                               refresh_moments=c["refresh_moments"], space_from=c["space_from"])
+    return gorp.GORP(groups, lr=lr, betas=(0.9, 0.999), weight_decay=c["weight_decay"])
 
 
 def count_params(model, opt):
@@ -472,7 +491,7 @@ def train_task(c, model, opt, examples, spec, task_name, log):
             if penalty is not None:  # O-LoRA's penalty is the same on every process: not weighted
                 objective = objective + c["olora_lambda1"] * penalty
             if spec.get("olora") and c["olora_lambda2"]:
-                objective = objective + c["olora_lambda2"] * sum(m.lora_A.pow(2).sum() for _, m in gorp.lora_modules(model))
+                objective = objective + c["olora_lambda2"] * gorp.olora_l2(model)
             opt.zero_grad(set_to_none=True)
             objective.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, c["grad_clip"] or float("inf"))
@@ -557,9 +576,10 @@ def save_checkpoint(c, run_dir, model, spaces, acc, stats, done):
 
 
 def load_checkpoint(c, run_dir):
+    """The run's last checkpoint, or None where it was stopped before its first one."""
     path = os.path.join(run_dir, "ckpt.pt")
     if not os.path.isfile(path):
-        raise ConfigError(f"--resume: no checkpoint in {run_dir}")
+        return None
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -588,11 +608,13 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
     stages = [("all", [e for t in tasks for e in t["train"]])] if spec.get("joint") else \
         [(t["name"], t["train"]) for t in tasks]
     acc, stats, spaces, start = [], [], {}, 0
-    if c["resume"]:
-        ckpt = load_checkpoint(c, run_dir)
+    ckpt = load_checkpoint(c, run_dir) if c["resume"] else None
+    if ckpt:
         model.load_state_dict(ckpt["model"])
         acc, stats, spaces, start = ckpt["acc"], ckpt["stats"], ckpt["spaces"], ckpt["done"]
         log(f"resuming {c['method']} after task {start} of {len(stages)} from {run_dir}/ckpt.pt")
+    elif c["resume"]:  # killed before its first checkpoint, or not started: the same run, from its start
+        log(f"--resume: no checkpoint in {run_dir} yet, so {c['method']} starts from its beginning")
     named = dict(model.named_parameters())
     # method.md §4, two decisions: one model carries every task's updates, full-rank weights
     # included (the released code reloads the original weights for each task), and the shared
@@ -602,6 +624,8 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
         torch.manual_seed(c["seed"] * 1000 + i)  # each task's randomness depends on the seed and the task alone
         opt = make_optimizer(c, spec, model)
         opt.load_shared_spaces({named[n]: S for n, S in spaces.items()})
+        if c["fresh_A_off_space"]:
+            opt.start_adapters_off_spaces()
         total, trainable, projected = count_params(model, opt)
         log(f"task {i + 1}/{len(stages)} {stage}: {len(examples)} examples | params {total:,} total, "
             f"{trainable:,} trained, {projected:,} of them projected")
@@ -718,6 +742,8 @@ def main(argv, log=print):
     torch.manual_seed(c["seed"])
     random.seed(c["seed"])
     device = c["_device"] = pick_device(c)
+    if c["resume"] and not os.path.isdir(c["out_dir"]):  # said before any slow work
+        raise ConfigError(f"--resume: {c['out_dir']} does not exist, so there is no run to resume")
     c["_toy_dir"] = os.path.join(c["out_dir"], f"toy-{c['seed']}")  # the suite depends on the seed too
     if c["data_dir"] == "toy":
         c["data_dir"] = c["_toy_dir"]
@@ -727,7 +753,7 @@ def main(argv, log=print):
             dist.barrier()  # the others read what process 0 wrote
     task_list(c)  # a wrong folder or task name is named before anything slower happens
     enc, eot = tokenizer(c["init_from"])
-    tasks = load_tasks(c, enc, eot)
+    tasks = load_tasks(c, enc, eot, log)
     c["_task_names"] = [t["name"] for t in tasks]
     threads = torch.get_num_threads() if device.type == "cpu" else ""
     log(f"device {device}{f' ({threads} threads)' if threads else ''}, {c['_world']} process(es); data {c['data_dir']}: "

@@ -9,6 +9,7 @@ and turned into prompts and answers as method.md section 6 specifies. The built-
 (data/toy.py) is written in this same layout, so one code path reads both.
 """
 
+import collections
 import json
 import os
 import random
@@ -75,9 +76,11 @@ def read_json_list(path, what):
     return data
 
 
-def load_split(data_dir, group, task, split, cap=0, seed=0):
+def load_split(data_dir, group, task, split, cap=0, seed=0, log=print):
     """The records of one split, checked; at most cap of them (0: all), a seeded sample so a
-    prefix-ordered file still gives every class."""
+    prefix-ordered file still gives every class. Records whose label labels.json does not list
+    are left out, and one line says how many and which labels (O-LoRA's MNLI test.json holds
+    gold-less pairs labelled "-"; a typo in a user's own file shows up there too)."""
     folder = os.path.join(data_dir, group, task)
     path = os.path.join(folder, f"{split}.json")
     if not os.path.isfile(path):
@@ -89,9 +92,13 @@ def load_split(data_dir, group, task, split, cap=0, seed=0):
         if not isinstance(r, dict) or not isinstance(r.get("sentence"), str) or "label" not in r:
             raise DataError(f"{path} record {i} lacks a \"label\" or a \"sentence\" string")
     labels = load_labels(folder, records)
-    for i, r in enumerate(records):
-        if str(r["label"]) not in labels:
-            raise DataError(f"{path} record {i} has label {r['label']!r}, which labels.json does not list")
+    unlisted = collections.Counter(str(r["label"]) for r in records if str(r["label"]) not in labels)
+    if unlisted:
+        records = [r for r in records if str(r["label"]) in labels]
+        if not records:
+            raise DataError(f"{path}: no record has a label that labels.json lists (they have {', '.join(map(repr, unlisted))})")
+        log(f"{task}: {sum(unlisted.values())} records of {split}.json left out, labelled "
+            + ", ".join(f"{label!r} ({n})" for label, n in unlisted.most_common()) + ", which labels.json does not list")
     if cap and len(records) > cap:
         records = random.Random(seed).sample(records, cap)
     return [dict(sentence=r["sentence"], label=str(r["label"])) for r in records], labels
