@@ -1,7 +1,7 @@
 """
 Where GORP's time and memory go, against the plain baselines, measured side by side in one run.
 
-    python bench.py               # the table, and bench.json; about eight minutes on 2 CPU cores
+    python bench.py               # the table, and bench.json; about six minutes on 2 CPU cores
     python bench.py --quick       # fewer repeats and no GPT-2-small model, for a first look
 
 Every figure that matters is a ratio of two timings taken in the same run, interleaved, so a

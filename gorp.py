@@ -8,8 +8,8 @@ shared folder; section numbers below (method.md §N) point there.
 A model learns tasks T1..TN one after another, with no replay. GORP trains three kinds of
 parameters at once (method.md §1):
   - a fresh LoRA adapter per task on the attention (cheap, low-rank, plastic);
-  - chosen full-rank weights (the MLP's c_fc), but only through Adam in a rank-r projected
-    space of their gradient, refreshed every T steps, as GaLore does (§2);
+  - chosen full-rank weights (the MLP's c_fc; LLaMA's gate_proj), but only through Adam in a
+    rank-r projected space of their gradient, refreshed every T steps, as GaLore does (§2);
   - nothing else: embeddings, norms and biases stay frozen.
 and it protects old tasks with a *shared gradient space*: for every trained matrix an
 orthonormal basis S of the directions earlier tasks moved along (grown at the end of each task
@@ -17,12 +17,14 @@ from Adam's first moment, GPM-style, §4). New gradients, and the updates Adam m
 are projected off S.
 
 How the pieces fit, top to bottom:
-  1. GPT            a small GPT in nanoGPT's shape with GPT-2's names, so GPT-2 weights load
+  1. GPT            nanoGPT's GPT in two families, GPT-2 and LLaMA, with Hugging Face's names
+                    so real checkpoints load (SmolLM2, Llama 3, Qwen2, GPT-2)
   2. LoRALinear     an nn.Linear with one trainable low-rank adapter, merged at task end
   3. top_r_basis    the hand-rolled top-r factorisation (randomized range finder + QR)
   4. grow_space     the GPM energy rule that grows a shared space from a first moment
   5. GORP           a torch.optim.Optimizer: plain AdamW, GaLore-style projected Adam, and
                     LoRA-A steps, all with the shared space where a group asks for it
+  6. reading        Hugging Face folders, GGUF files and tokenizers: what a reader of the method skips
 
 Use it from Python:
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64))
@@ -30,6 +32,7 @@ Use it from Python:
     opt = GORP(param_groups(model, full_rank=r"mlp\\.c_fc$", rank=8, shared_space=True))
     ... train task t ...;  opt.grow_shared_space(0.9);  spaces = opt.shared_spaces()
     end_task(model);  opt = GORP(...);  opt.load_shared_spaces(spaces)   # next task
+or start from a real model:  model = GPT.from_pretrained("smollm2");  enc = load_tokenizer("smollm2")
 or run the whole continual loop with `python train_cl.py` (see README.md).
 """
 

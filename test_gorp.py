@@ -800,6 +800,14 @@ def run_cl(tmp_path, *args):
     return train_cl.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *TINY_RUN, *args], log=lambda s: None)
 
 
+def test_unseen_tasks_left_unevaluated_change_no_metric(tmp_path):
+    every = run_cl(tmp_path / "a", "--method=inclora")[0]
+    seen = run_cl(tmp_path / "b", "--method=inclora", "--eval_unseen=False")[0]
+    assert seen["acc"][0][1] is None and seen["acc"][1] == every["acc"][1]
+    assert (seen["AA"], seen["BWT"]) == (every["AA"], every["BWT"])
+    assert seen["forgetting"] <= every["forgetting"]  # the max runs over fewer rows: only those after learning
+
+
 def test_metrics_on_a_known_matrix():
     acc = [[90.0, 10.0, 0.0],
            [60.0, 80.0, 5.0],
@@ -809,6 +817,8 @@ def test_metrics_on_a_known_matrix():
     assert bwt == pytest.approx(((50 - 90) + (70 - 80)) / 2)
     assert forgetting == pytest.approx(((90 - 50) + (80 - 70)) / 2)
     assert train_cl.metrics([[40.0, 60.0]])[1:] == (None, None)  # one row (mtl): no transfer to measure
+    seen_only = [[90.0, None, None], [60.0, 80.0, None], [50.0, 70.0, 95.0]]
+    assert train_cl.metrics(seen_only) == (aa, bwt, forgetting)
 
 
 def test_prompt_format_matches_method_md():

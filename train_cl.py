@@ -98,6 +98,7 @@ galore_lr = 1e-3  # galore: one lr for every weight, as GaLore's usage (the matr
 weight_decay = 0.0
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
 eval_batch_size = 64
+eval_unseen = True  # after each task evaluate every task; False: only those trained so far (AA, BWT and forgetting need no more)
 # system
 device = "auto"  # auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps
 dtype = "auto"  # auto (bfloat16 autocast on a GPU or CPU with native bfloat16, else float32), float32, bfloat16, float16
@@ -540,7 +541,7 @@ def metrics(acc):
     if len(acc) < n or n < 2:
         return aa, None, None
     bwt = sum(last[j] - acc[j][j] for j in range(n - 1)) / (n - 1)
-    forgetting = sum(max(acc[i][j] for i in range(n - 1)) - last[j] for j in range(n - 1)) / (n - 1)
+    forgetting = sum(max(acc[i][j] for i in range(n - 1) if acc[i][j] is not None) - last[j] for j in range(n - 1)) / (n - 1)
     return aa, bwt, forgetting
 
 
@@ -553,7 +554,7 @@ def matrix_table(acc, names):
     lines = ["after task".ljust(14) + "".join(n[: width - 1].rjust(width) for n in names)]
     for i, row in enumerate(acc):
         label = f"{i + 1} {names[i] if len(acc) == len(names) else 'all tasks'}"[:13]
-        lines.append(label.ljust(14) + "".join(f"{a:{width}.1f}" for a in row))
+        lines.append(label.ljust(14) + "".join(f"{'-':>{width}}" if a is None else f"{a:{width}.1f}" for a in row))
     aa, bwt, forgetting = metrics(acc)
     lines.append(f"AA {aa:.1f}   BWT {fmt(bwt, '.1f').strip()}   forgetting {fmt(forgetting, '.1f').strip()}")
     return "\n".join(lines)
@@ -639,12 +640,13 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
         if spec["lora"] == "fresh":
             gorp.end_task(model)
         t_eval = time.time()
-        row = [evaluate(c, model, t, enc, eot) for t in tasks]
+        row = [evaluate(c, model, t, enc, eot) if j <= i or c["eval_unseen"] or spec.get("joint") else None
+               for j, t in enumerate(tasks)]  # None: a task not trained yet, left unevaluated
         acc.append(row)
         stats.append(dict(task=stage, train_seconds=round(seconds, 2), eval_seconds=round(time.time() - t_eval, 2),
                           tokens_per_second=round(tokens / max(seconds, 1e-9)), trainable_params=trainable,
                           projected_params=projected, optimizer_state_bytes=state_bytes))
-        log(f"after {stage}: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, row)))
+        log(f"after {stage}: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, row) if a is not None))
         if c["_rank"] == 0:
             save_checkpoint(c, run_dir, model, spaces, acc, stats, i + 1)
     aa, bwt, forgetting = metrics(acc)
@@ -682,16 +684,17 @@ def plot_results(all_results, path, log):
     for k, r in enumerate(all_results):
         acc, names = r["acc"], r["tasks"]
         ax = axes[0][k]
-        ax.imshow(acc, vmin=0, vmax=100, cmap="viridis")
+        ax.imshow([[math.nan if a is None else a for a in row] for row in acc], vmin=0, vmax=100, cmap="viridis")
         ax.set_title(f"{r['method']}  AA {r['AA']:.1f}  BWT {fmt(r['BWT'], '.1f').strip()}")
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(acc)), [f"after {n}" for n in (names if len(acc) > 1 else ["all"])], fontsize=8)
         for i, row in enumerate(acc):
             for j, a in enumerate(row):
-                ax.text(j, i, f"{a:.0f}", ha="center", va="center", color="w" if a < 60 else "k", fontsize=8)
+                if a is not None:
+                    ax.text(j, i, f"{a:.0f}", ha="center", va="center", color="w" if a < 60 else "k", fontsize=8)
         ax = axes[1][k]
         for j, n in enumerate(names):
-            ax.plot(range(1, len(acc) + 1), [row[j] for row in acc], marker="o", label=n)
+            ax.plot(range(1, len(acc) + 1), [math.nan if row[j] is None else row[j] for row in acc], marker="o", label=n)
         ax.set_ylim(0, 100)
         ax.set_xticks(range(1, len(acc) + 1))
         ax.set_xlabel("tasks trained")
@@ -706,11 +709,14 @@ def summary_table(out_dirs):
     """Mean and standard deviation of AA, BWT and forgetting per method over finished runs, and
     of the accuracy on each task just after training it: what was learned, before any forgetting."""
     import statistics
-    lines = [f"{'method':<9}{'AA':>14}{'BWT':>14}{'forgetting':>14}{'just learned':>14}   over {len(out_dirs)} runs"]
     found = [{e for e in os.listdir(d) if os.path.isfile(os.path.join(d, e, "results.json"))}
              for d in out_dirs if os.path.isdir(d)]
+    anywhere = set.union(*found) if found else set()
     others = set.intersection(*found) - set(METHODS) if found else set()
-    for m in list(METHODS) + sorted(others):  # then the runs every out_dir holds besides, as the ablation's
+    rows = [m for m in METHODS if m in anywhere or not found] + sorted(others)  # then the runs every out_dir holds besides
+    width = max([9] + [len(m) + 1 for m in rows])  # as the ablation's, or a tuning sweep's
+    lines = [f"{'method':<{width}}{'AA':>14}{'BWT':>14}{'forgetting':>14}{'just learned':>14}   over {len(out_dirs)} runs"]
+    for m in rows:
         runs = []
         for d in out_dirs:
             path = os.path.join(d, m, "results.json")
@@ -725,7 +731,7 @@ def summary_table(out_dirs):
             values = [r[key] for r in runs if r[key] is not None]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):7.1f} ± {spread:4.1f}" if values else f"{'-':>14}")
-        lines.append(f"{m:<9}" + "".join(f"{cell:>14}" for cell in cells))
+        lines.append(f"{m:<{width}}" + "".join(f"{cell:>14}" for cell in cells))
     return "\n".join(lines)
 
 
