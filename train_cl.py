@@ -83,18 +83,18 @@ galore_rank = 8  # galore's projector rank (GORP's, so the two project alike)
 galore_update_proj_gap = 200  # galore's T, as GaLore's README trains
 galore_scale = 0.25  # galore's alpha, as GaLore's README trains: its effective lr on the matrices is galore_lr * 0.25
 # training. Every method has its own learning rate, each chosen by the same procedure: a sweep on
-# examples held out of the toy suite's training sets (--valid=True), never on test sets; the
-# sweep and its figures are in README.md, "Tuning". The paper's (LoRA 1e-3, full rank 1e-5) are
-# for T5-large and did not learn the toy tasks in two epochs.
+# examples held out of the toy suite's training sets (--valid=True, seeds 1337 and 2), never on
+# test sets, the value with the best mean AA; the sweep and its figures are in README.md,
+# "Tuning". The paper's (LoRA 1e-3, full rank 1e-5) are for T5-large.
 epochs = 2  # passes over each task's training data
 batch_size = 16
-lr = 3e-3  # gorp's (and mtl's) LoRA adapters
-full_rank_lr = 3e-3  # gorp's projected full-rank weights: the effective lr is full_rank_lr * scale
-seqlora_lr = 3e-3  # seqlora's one adapter
-inclora_lr = 3e-3  # inclora's adapters
-olora_lr = 3e-3  # olora's adapters
-ft_lr = 3e-4  # seqft: AdamW on every weight
-galore_lr = 1e-3  # galore: one lr for every weight, as GaLore's usage (the matrices' effective lr is galore_lr * galore_scale)
+lr = 3e-4  # gorp's (and mtl's) LoRA adapters
+full_rank_lr = 3e-4  # gorp's projected full-rank weights: the effective lr is full_rank_lr * scale
+seqlora_lr = 1e-4  # seqlora's one adapter (the sweep's lowest value won: lower was not tried)
+inclora_lr = 3e-4  # inclora's adapters
+olora_lr = 3e-4  # olora's adapters
+ft_lr = 3e-5  # seqft: AdamW on every weight (the sweep's lowest value won: lower was not tried)
+galore_lr = 1e-4  # galore: one lr for every weight, as GaLore's usage; effective on the matrices: galore_lr * galore_scale (the lowest value tried)
 weight_decay = 0.0
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
 eval_batch_size = 64
