@@ -502,10 +502,19 @@ def logits(model, idx):
     return out.view(idx.size(0), idx.size(1), -1)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_llama_folder_loads_with_grouped_query_attention(tmp_path, tied):
+@pytest.mark.parametrize("tied,sharded", [(True, False), (False, False), (False, True)])
+def test_llama_folder_loads_with_grouped_query_attention(tmp_path, tied, sharded):
     model = tiny_llama(tie_embeddings=tied)
     write_llama_folder(tmp_path / "llama", model)
+    if sharded:  # the same tensors in two shards and their index, as large checkpoints come
+        sd = gorp.load_safetensors(str(tmp_path / "llama" / "model.safetensors"))
+        os.remove(tmp_path / "llama" / "model.safetensors")
+        names = sorted(sd)
+        shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for shard, keys in shards.items():
+            write_safetensors(str(tmp_path / "llama" / shard), {k: sd[k] for k in keys})
+        index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
+        (tmp_path / "llama" / "model.safetensors.index.json").write_text(json.dumps(index))
     loaded = gorp.GPT.from_pretrained(str(tmp_path / "llama")).eval()
     assert loaded.config == model.config
     idx = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(0))
