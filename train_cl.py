@@ -299,9 +299,11 @@ def pick_device(c):
 def set_precision(c, width):
     """Choose the autocast dtype for a model `width` wide; returns the choice in words. auto:
     bfloat16 on a GPU that has it, and on a CPU that multiplies bfloat16 natively when the model is
-    512 or more wide. Below that, casts and elementwise work outweigh the faster matmuls: on this
-    project's 2-core AVX512_BF16 CPU the toy's 128-wide GPT trained 1.2x slower in bfloat16, while
-    SmolLM2 (576 wide) trains faster (bench.py). Weights and optimizer state stay float32."""
+    512 or more wide. Below that, casts and elementwise work eat most of the faster matmuls: on this
+    project's 2-core AVX512_BF16 CPU the toy's 128-wide GPT trains and evaluates only 1.1x faster
+    in bfloat16, and its rounding moves the toy's chaotic results (README.md, "Pretrained
+    models"), while SmolLM2 (576 wide) trains 2.1x faster (bench.py). Weights and optimizer state
+    stay float32."""
     device, dtype, why = c["_device"], c["dtype"], ""
     if dtype == "auto":
         if device.type == "cuda":
