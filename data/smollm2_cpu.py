@@ -1,12 +1,12 @@
 # SmolLM2-135M-Instruct on the real benchmark, sized for a 2-core CPU (README.md, "The real benchmark"):
 #   python train_cl.py data/smollm2_cpu.py --order=1 --method=gorp
-# One method over one 4-task order takes about 10 minutes here in bfloat16 (bench.py: about 4 s a
+# One method over one 4-task order took 15 minutes here in bfloat16 (gorp, held out; bench.py: about 4 s a
 # step of 16 x 128 tokens, 9 examples a second of greedy evaluation). The placement and shapes are
 # the paper's LLaMA-2 setting (method.md section 5); the learning rates start from its values and
 # are tuned per method on examples held out of train.json (--valid=True), never on test.json.
 init_from = "smollm2"
 data_dir = "../shared/CL_Benchmark"
-max_train = 500  # examples per task: 32 steps of 16, one epoch, about 2 minutes of training per task
+max_train = 500  # examples per task: 32 steps of 16, one epoch, about 3 minutes of training per task
 max_test = 100  # examples per task evaluated: one example is one point of accuracy
 max_len = 128  # dbpedia's prompt, with its 14 options, keeps only the start of a long sentence
 epochs = 1  # the paper's: one pass over each task
