@@ -1034,6 +1034,13 @@ def test_bad_arguments_are_named(tmp_path, arg, error, message):
         run_cl(tmp_path, arg)
 
 
+def test_init_from_a_llama_checkpoint_of_this_project_is_refused(tmp_path):
+    model = tiny_llama()  # a .pt holds no tokenizer: GPT-2's would give wrong ids, silently
+    torch.save(dict(model=model.state_dict(), model_args=vars(model.config)), tmp_path / "llama.pt")
+    with pytest.raises(train_cl.ConfigError, match="holds a llama model"):
+        run_cl(tmp_path, f"--init_from={tmp_path / 'llama.pt'}")
+
+
 def test_init_from_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(train_cl.ConfigError, match="is not a checkpoint"):

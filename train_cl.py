@@ -771,6 +771,9 @@ def main(argv, log=print):
     if made_here:  # its width is known now, and its pretraining runs under the chosen autocast
         precision = set_precision(c, c["n_embd"])
     model = base_model(c, enc, eot, log)
+    if c["init_from"].endswith(".pt") and model.config.family != "gpt2":  # its tokenizer is not in the file
+        raise ConfigError(f"init_from {c['init_from']} holds a {model.config.family} model: start from the model itself "
+                          "(its folder or .gguf), whose tokenizer it needs")
     if not made_here:
         precision = set_precision(c, model.config.n_embd)
     where = "made here" if made_here else c["init_from"] if c["init_from"].endswith(".pt") else gorp.resolve(c["init_from"])
