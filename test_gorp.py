@@ -5,6 +5,7 @@ import io
 import json
 import os
 import struct
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -817,6 +818,21 @@ def test_unseen_tasks_left_unevaluated_change_no_metric(tmp_path):
     assert seen["forgetting"] <= every["forgetting"]  # the max runs over fewer rows: only those after learning
 
 
+def test_evaluate_counts_right_and_off_label_answers():
+    """Exact match after normalisation, and the answers that are none of the task's labels: a
+    model that says the other label is wrong but on-label, one that says another word is off-label."""
+    enc, eot = train_cl.tokenizer()
+    said = [" Sports.", " politics", " weather", " SPORTS"]  # right, wrong on-label, off-label, right
+
+    class Parrot(torch.nn.Module):  # answers the prompts in the order it sees them
+        def generate(self, prompts, max_new, stop_token):
+            return [enc.encode_ordinary(said[p[0]]) for p in prompts]  # up to and without the stop token
+
+    task = dict(labels=["sports", "politics"], test=[([i], enc.encode_ordinary(" sports") + [eot]) for i in range(4)])
+    c = dict(_rank=0, _world=1, eval_batch_size=3, _autocast=nullcontext)
+    assert train_cl.evaluate(c, Parrot(), task, enc, eot) == (50.0, 25.0)
+
+
 def test_metrics_on_a_known_matrix():
     acc = [[90.0, 10.0, 0.0],
            [60.0, 80.0, 5.0],
@@ -870,38 +886,13 @@ def test_loader_reads_the_layout(tmp_path):
     assert enc.decode(prompt) == "Task:COPA\nDataset:COPA\nIt rained.\nAnswer:"
 
 
-def test_negatives_keep_the_base_from_favouring_tokens_it_never_predicted(tmp_path):
-    """Pretraining's softmax covers the text's tokens alone; without negatives the other 50k
-    keep their random logits, and the base's full-vocabulary loss on its own text stays high."""
-    data = two_tasks(tmp_path / "data")
-    enc, eot = train_cl.tokenizer()
-    text = torch.tensor([[eot] + enc.encode_ordinary(f"the ball {i}") + [eot] for i in range(10)])  # the topic task's text
-    loss = {}
-    for negatives in (0, 4096):
-        out = tmp_path / f"out{negatives}"
-        train_cl.main([f"--data_dir={data}", f"--out_dir={out}", *TINY_RUN, "--init_from=pretrain", "--tasks=mood",
-                       "--pretrain_iters=150", "--pretrain_lr=1e-2", "--pretrain_batch_size=8",
-                       f"--pretrain_negatives={negatives}"], log=lambda s: None)
-        (path,) = [f for f in os.listdir(out) if f.startswith("base-")]
-        ckpt = torch.load(out / path, weights_only=True)
-        model = gorp.GPT(gorp.GPTConfig(**ckpt["model_args"]))
-        model.load_state_dict(ckpt["model"])
-        loss[negatives] = model(text[:, :-1], text[:, 1:])[1].item()  # over all 50257 tokens
-    assert loss[4096] < loss[0] - 1.0, loss
-
-
-def test_answered_pretraining_text_offers_its_answer_and_skips_the_sequence(tmp_path):
-    data = two_tasks(tmp_path / "data")
-    enc, eot = train_cl.tokenizer()
-    docs = [enc.decode(d) for d in benchmark.pretraining_text(data, {"mood"}, enc, eot, 96, answered=True)]
-    assert not any("Dataset:mood" in d for d in docs)  # the sequence's tasks are never pretrained on
-    kept = [d for d in docs if d.endswith(("Answer: sports<|endoftext|>", "Answer: politics<|endoftext|>"))]
-    renamed = [d for d in docs if d not in kept]
-    assert len(kept) == 24 and len(renamed) > 12  # every example as it is, and most once renamed
-    for d in renamed:
-        options = d.split("Option: ")[1].split(" \n")[0].split(", ")
-        answer = d.split("Answer: ")[1].removesuffix("<|endoftext|>")
-        assert answer in options and not {"sports", "politics"} & set(options)
+def test_pretraining_needs_the_toy_suites_text(tmp_path):
+    """The small GPT made here pretrains on a folder's pretrain.json alone; a benchmark folder
+    has none, and says so in one line instead of pretraining on something else."""
+    with pytest.raises(benchmark.DataError, match="no pretrain.json"):
+        run_cl(tmp_path, "--init_from=pretrain")
+    assert train_cl.parse_config(["--data_dir=x"])["init_from"] == "smollm2"  # auto: a real model for a real folder
+    assert train_cl.parse_config([])["init_from"] == "pretrain"  # and the small GPT for the toy suite
 
 
 def test_valid_holds_out_training_examples_and_never_reads_test(tmp_path):

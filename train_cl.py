@@ -48,7 +48,7 @@ max_test = 200  # test examples per task at most (0: all)
 max_len = 128  # tokens of prompt and answer at most; a longer sentence is cut, never the template
 valid = False  # tune: evaluate on max_test examples held out of each task's train.json (a fifth with 0), never on test.json
 # the model
-init_from = "pretrain"  # pretrain (a small GPT pretrained on data_dir's text outside the sequence, cached), scratch, a checkpoint .pt, a Hugging Face folder or .gguf file, or a name: smollm2, gpt2
+init_from = "auto"  # auto (pretrain for the toy suite, smollm2 for a benchmark folder), pretrain (a small GPT pretrained on the toy's unlabeled text, cached), scratch, a checkpoint .pt, a Hugging Face folder or .gguf file, or a name: smollm2, gpt2
 n_layer = 4  # model size when not loaded from a checkpoint
 n_head = 4
 n_embd = 128
@@ -57,8 +57,6 @@ pretrain_iters = 300  # steps of language-model pretraining for init_from=pretra
 pretrain_lr = 3e-3
 pretrain_batch_size = 64  # sequences per pretraining step
 pretrain_vocab = 8192  # the pretraining loss predicts the text's commonest tokens, this many at most
-pretrain_negatives = 0  # other tokens drawn into each pretraining step's softmax, to learn they are unlikely
-pretrain_answers = False  # pretrain on the other tasks' examples written as prompt and answer, not their bare sentences
 # the method (method.md §1-5)
 full_rank = True  # GORP's L: train the full_rank_pattern weights by projected Adam (ablation switch)
 shared_space = True  # GORP's S: the shared gradient space on LoRA A and the full-rank weights (ablation switch)
@@ -106,7 +104,7 @@ seed = 1337
 compile = False  # torch.compile the training forward pass (PyTorch 2, a GPU)
 resume = False  # continue an interrupted run in out_dir from its last finished task
 plot = False  # write out_dir/forgetting.png (needs matplotlib)
-summarize = ""  # comma list of finished --method=all out_dirs (other seeds): print mean and spread per method, train nothing
+summarize = ""  # comma list of finished --method=all out_dirs (other seeds): print mean and spread per method, train nothing; with plot, draw the first one's runs
 log_every = 2.0  # seconds between progress lines
 CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
 # -----------------------------------------------------------------------------
@@ -195,6 +193,8 @@ def parse_config(argv):
 
 
 def check_config(c):
+    if c["init_from"] == "auto":
+        c["init_from"] = "pretrain" if c["data_dir"] == "toy" else "smollm2"
     if c["method"] not in METHODS and c["method"] != "all":
         raise ConfigError(f"unknown method {c['method']!r}: choose one of {', '.join(METHODS)}, all")
     if c["order"] and c["order"] not in benchmark.ORDERS:
@@ -354,13 +354,12 @@ def base_model(c, enc, eot, log):
 
 
 def pretrained_base(c, model, enc, eot, log):
-    """Pretrain the small GPT as a language model on the text of data_dir's tasks outside the
-    sequence (benchmark.pretraining_text), once; the result is cached in out_dir and reused."""
-    docs = benchmark.pretraining_text(c["data_dir"], {t for t, _ in task_list(c)}, enc, eot, c["block_size"],
-                                      c["pretrain_answers"], c["seed"])
+    """Pretrain the small GPT as a language model on the toy suite's unlabeled text (its
+    pretrain.json), once; the result is cached in out_dir and reused."""
+    docs = benchmark.pretraining_text(c["data_dir"], enc, eot, c["block_size"])
     key = dict(model=vars(model.config), iters=c["pretrain_iters"], lr=c["pretrain_lr"], seed=c["seed"],
-               batch=c["pretrain_batch_size"], vocab=c["pretrain_vocab"], negatives=c["pretrain_negatives"],
-               answers=c["pretrain_answers"], n=len(docs), first=docs[0][:32], last=docs[-1][:32])
+               batch=c["pretrain_batch_size"], vocab=c["pretrain_vocab"],
+               n=len(docs), first=docs[0][:32], last=docs[-1][:32])
     path = os.path.join(c["out_dir"], f"base-{hash_of(key) % 10 ** 10}.pt")  # named by what made it
     if os.path.isfile(path):
         try:
@@ -371,14 +370,11 @@ def pretrained_base(c, model, enc, eot, log):
         return model
     counts = collections.Counter(t for d in docs for t in d)
     # a 50257-way softmax is most of the small model's cost, so the loss predicts the text's
-    # commonest tokens alone (rare ones are still read as inputs), and each step adds a fresh
-    # draw of pretrain_negatives other tokens that learn to stay unlikely: without them, the
-    # never-predicted tokens keep their random logits and outrank every word of the text
+    # commonest tokens alone (rare ones are still read as inputs). The others keep their random
+    # logits; the toy's wrong answers are nonetheless its own words (README.md, "The toy suite")
     vocab = torch.tensor(sorted(t for t, _ in counts.most_common(c["pretrain_vocab"])))
     index = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
     index[vocab] = torch.arange(len(vocab))
-    others = (index == -1).nonzero().squeeze(1)  # (V - len(vocab),)
-    draw = torch.Generator().manual_seed(c["seed"])
     device = c["_device"]
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=c["pretrain_lr"], weight_decay=0.0, betas=(0.9, 0.95))
@@ -397,8 +393,7 @@ def pretrained_base(c, model, enc, eot, log):
         for g in opt.param_groups:
             g["lr"] = lr_now
         with c["_autocast"]():
-            negatives = others[torch.randperm(len(others), generator=draw)[: c["pretrain_negatives"]]]
-            loss = model(idx.to(device), targets.to(device), vocab=torch.cat([vocab, negatives]).to(device))[1]
+            loss = model(idx.to(device), targets.to(device), vocab=vocab.to(device))[1]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -515,24 +510,29 @@ def train_task(c, model, opt, examples, spec, task_name, log):
 
 @torch.no_grad()
 def evaluate(c, model, task, enc, eot):
-    """Accuracy in percent: greedy generation, exact match after normalisation (method.md §6)."""
+    """Accuracy in percent: greedy generation, exact match after normalisation (method.md §6);
+    and the percent of answers that are none of the task's labels (another task's words, say),
+    which tells forgetting what to answer from answering the wrong option."""
     model.eval()
     examples = sorted(task["test"], key=lambda e: len(e[0]))  # similar lengths batch together
     examples = examples[c["_rank"]::c["_world"]]  # under torchrun each process takes its share
     max_new = max(len(enc.encode_ordinary(" " + label)) for label in task["labels"]) + 1
-    right = 0
+    labels = {benchmark.normalize(label) for label in task["labels"]}
+    counts = torch.zeros(2, dtype=torch.long)  # right, off-label
     for i in range(0, len(examples), c["eval_batch_size"]):
         chunk = examples[i: i + c["eval_batch_size"]]
         with c["_autocast"]():
             outs = model.generate([p for p, _ in chunk], max_new, stop_token=eot)
         for out, (_, answer) in zip(outs, chunk):
-            right += benchmark.normalize(enc.decode(out)) == benchmark.normalize(enc.decode(answer[:-1]))
+            said = benchmark.normalize(enc.decode(out))
+            counts[0] += said == benchmark.normalize(enc.decode(answer[:-1]))
+            counts[1] += said not in labels
     model.train()
     if c["_world"] > 1:
-        right = torch.tensor(right, device=c["_device"])
-        dist.all_reduce(right)
-        right = int(right)
-    return 100.0 * right / len(task["test"])
+        counts = counts.to(c["_device"])
+        dist.all_reduce(counts)
+    right, off_label = (100.0 * int(n) / len(task["test"]) for n in counts)
+    return right, off_label
 
 
 def metrics(acc):
@@ -642,12 +642,14 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
         if spec["lora"] == "fresh":
             gorp.end_task(model)
         t_eval = time.time()
-        row = [evaluate(c, model, t, enc, eot) if j <= i or c["eval_unseen"] or spec.get("joint") else None
-               for j, t in enumerate(tasks)]  # None: a task not trained yet, left unevaluated
+        scores = [evaluate(c, model, t, enc, eot) if j <= i or c["eval_unseen"] or spec.get("joint") else (None, None)
+                  for j, t in enumerate(tasks)]  # None: a task not trained yet, left unevaluated
+        row = [right for right, _ in scores]
         acc.append(row)
         stats.append(dict(task=stage, train_seconds=round(seconds, 2), eval_seconds=round(time.time() - t_eval, 2),
                           tokens_per_second=round(tokens / max(seconds, 1e-9)), trainable_params=trainable,
-                          projected_params=projected, optimizer_state_bytes=state_bytes))
+                          projected_params=projected, optimizer_state_bytes=state_bytes,
+                          off_label=[off for _, off in scores]))
         log(f"after {stage}: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, row) if a is not None))
         if c["_rank"] == 0:
             save_checkpoint(c, run_dir, model, spaces, acc, stats, i + 1)
@@ -659,7 +661,8 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
             json.dump(results, f, indent=1)
         os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
     log(f"\n{c['method']}: accuracy (%) on each task (columns) after training each task (rows)\n"
-        + matrix_table(acc, names))
+        + matrix_table(acc, names) + "\nanswers that are none of the task's labels, at the end (%): "
+        + "  ".join(f"{n} {off:.1f}" for n, off in zip(names, stats[-1]["off_label"])))
     return results
 
 
@@ -687,7 +690,7 @@ def plot_results(all_results, path, log):
         acc, names = r["acc"], r["tasks"]
         ax = axes[0][k]
         ax.imshow([[math.nan if a is None else a for a in row] for row in acc], vmin=0, vmax=100, cmap="viridis")
-        ax.set_title(f"{r['method']}  AA {r['AA']:.1f}  BWT {fmt(r['BWT'], '.1f').strip()}")
+        ax.set_title(f"{r['method']}\nAA {r['AA']:.1f}  BWT {fmt(r['BWT'], '.1f').strip()}", fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(acc)), [f"after {n}" for n in (names if len(acc) > 1 else ["all"])], fontsize=8)
         for i, row in enumerate(acc):
@@ -703,8 +706,19 @@ def plot_results(all_results, path, log):
         ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=7)
     fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=100)
     log(f"wrote {path}")
+
+
+def finished_runs(out_dir):
+    """The results.json of every method finished in out_dir, in METHODS order, then the others."""
+    names = sorted(e for e in os.listdir(out_dir) if os.path.isfile(os.path.join(out_dir, e, "results.json")))
+    runs = []
+    for name in [m for m in METHODS if m in names] + [n for n in names if n not in METHODS]:
+        with open(os.path.join(out_dir, name, "results.json")) as f:
+            runs.append(dict(json.load(f), method=name))
+    return runs
 
 
 def summary_table(out_dirs):
@@ -740,7 +754,10 @@ def summary_table(out_dirs):
 def main(argv, log=print):
     c = parse_config(argv)
     if c["summarize"]:
-        log(summary_table([d for d in c["summarize"].split(",") if d]))
+        out_dirs = [d for d in c["summarize"].split(",") if d]
+        log(summary_table(out_dirs))
+        if c["plot"]:  # the first run folder's methods, one panel each, drawn from their results.json
+            plot_results(finished_runs(out_dirs[0]), os.path.join(c["out_dir"], "forgetting.png"), log)
         return []
     c["_rank"], c["_world"] = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if c["_world"] > 1 and not dist.is_initialized():  # launched by torchrun

@@ -148,30 +148,12 @@ def encode_example(enc, group, task, labels, record, max_len, eot):
     return head_ids + sentence_ids[:room] + tail_ids, enc.encode_ordinary(" " + record["label"]) + [eot]
 
 
-def pretraining_text(data_dir, exclude, enc, eot, max_len, answered=False, seed=0):
-    """Token lists to pretrain a base model on, each ending in <|endoftext|>: the sentences of
-    data_dir/pretrain.json where it exists (the toy suite writes one), else the train examples of
-    every task not in `exclude` (the sequence): their bare sentences or, with answered, each
-    written as its prompt and answer, as an instruction-tuned model has read them, and once more
-    with its labels renamed to random words of the text, so that what the base learns is to
-    answer with one of the offered options, whatever they are."""
+def pretraining_text(data_dir, enc, eot, max_len):
+    """Token lists to pretrain the small GPT made here on, each ending in <|endoftext|>: the
+    sentences of data_dir/pretrain.json, which the toy suite writes. A real benchmark has none:
+    its runs start from a pretrained model (--init_from=smollm2)."""
     path = os.path.join(data_dir, "pretrain.json")
-    if os.path.isfile(path):
-        return [enc.encode_ordinary(s)[: max_len - 1] + [eot] for s in read_json_list(path, "sentences")]
-    tasks = [(task, group, *load_split(data_dir, group, task, "train")) for task, group in find_tasks(data_dir).items()
-             if task not in exclude]
-    if not tasks:
-        raise DataError(f"no text to pretrain on: every task in {data_dir} is in the sequence")
-    if not answered:
-        return [enc.encode_ordinary(r["sentence"])[: max_len - 1] + [eot] for *_, records, _ in tasks for r in records]
-    rng = random.Random(seed)
-    words = sorted({w for *_, records, _ in tasks for r in records for w in r["sentence"].split() if w.isalpha()})
-    docs = []
-    for task, group, records, labels in tasks:
-        for r in records:
-            docs.append(sum(encode_example(enc, group, task, labels, r, max_len, eot), []))
-            renamed = [" ".join(rng.sample(words, rng.choice((1, 2)))).capitalize() for _ in labels]
-            if group != "COPA" and len(set(renamed)) == len(labels):  # COPA offers no options; equal names, no answer
-                record = dict(sentence=r["sentence"], label=renamed[labels.index(r["label"])])
-                docs.append(sum(encode_example(enc, group, task, renamed, record, max_len, eot), []))
-    return docs
+    if not os.path.isfile(path):
+        raise DataError(f"init_from=pretrain needs text to pretrain on, and {data_dir} has no pretrain.json "
+                        "(the toy suite writes one): start from a pretrained model, --init_from=smollm2, or from scratch")
+    return [enc.encode_ordinary(s)[: max_len - 1] + [eot] for s in read_json_list(path, "sentences")]
