@@ -886,6 +886,13 @@ def test_loader_reads_the_layout(tmp_path):
     assert enc.decode(prompt) == "Task:COPA\nDataset:COPA\nIt rained.\nAnswer:"
 
 
+def test_the_canonical_smollm2_config_parses_as_the_paper_sets_it():
+    c = train_cl.parse_config([os.path.join(HERE, "data", "smollm2_cpu.py")])
+    assert c["init_from"] == "smollm2" and c["lora_pattern"] == "auto" and c["full_rank_pattern"] == "auto"
+    assert train_cl.FAMILY_PATTERNS["llama"]["lora"] == r"self_attn\.(q_proj|v_proj)$"  # the paper's LLaMA-2 placement
+    assert (c["lora_r"], c["lora_alpha"], c["rank"], c["update_proj_gap"], c["scale"]) == (8, 32.0, 8, 20, 0.25)
+
+
 def test_pretraining_needs_the_toy_suites_text(tmp_path):
     """The small GPT made here pretrains on a folder's pretrain.json alone; a benchmark folder
     has none, and says so in one line instead of pretraining on something else."""
