@@ -27,3 +27,6 @@ scale = 0.25
 # LoRA rate 2e-4 and stepping up while held-out AA rose
 lr = 1e-3  # gorp's LoRA (and mtl's): 2e-4 gave AA 48.2, 1e-3 57.0, 3e-3 38.0 (it forgets)
 full_rank_lr = 1e-6  # the paper's, not tuned yet: at scale 0.25 gate_proj barely moves
+inclora_lr = 1e-3  # 2e-4: 48.5, 1e-3: 50.5, 3e-3: 29.5
+olora_lr = 1e-3  # 1e-3: 58.8, 3e-3: 52.8 (2e-4 not run: it lost by 9 and 2 points for gorp and inclora)
+# seqlora, seqft and galore are not tuned on SmolLM2 yet: train_cl.py's toy-tuned defaults apply
