@@ -1,7 +1,8 @@
-# SmolLM2-135M-Instruct on the real benchmark, sized for a 2-core CPU (README.md, "The real benchmark"):
-#   python train_cl.py data/smollm2_cpu.py --order=1 --method=gorp
-# One method over one 4-task order took 15 minutes here in bfloat16 (gorp, held out; bench.py: about 4 s a
-# step of 16 x 128 tokens, 9 examples a second of greedy evaluation). The placement and shapes are
+# SmolLM2-135M-Instruct on the real benchmark, sized for a 2-core CPU (README.md, "The result on a real model"):
+#   python train_cl.py data/smollm2_cpu.py --order=1 --method=gorp --data_dir=path/to/CL_Benchmark
+# One method over one 4-task order takes about 10 to 12 minutes of this 2-core CPU in bfloat16 (two
+# single-thread runs at a time took 18 to 25 minutes each; bench.py: about 4 s a step of 16 x 128
+# tokens, 9 examples a second of greedy evaluation). The placement and shapes are
 # the paper's LLaMA-2 setting (method.md section 5); the learning rates start from its values and
 # are tuned per method on examples held out of train.json (--valid=True), never on test.json.
 init_from = "smollm2"
