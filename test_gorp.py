@@ -812,10 +812,22 @@ def run_cl(tmp_path, *args):
 
 def test_unseen_tasks_left_unevaluated_change_no_metric(tmp_path):
     every = run_cl(tmp_path / "a", "--method=inclora")[0]
-    seen = run_cl(tmp_path / "b", "--method=inclora", "--eval_unseen=False")[0]
+    seen = run_cl(tmp_path / "b", "--method=inclora", "--eval_tasks=seen")[0]
     assert seen["acc"][0][1] is None and seen["acc"][1] == every["acc"][1]
     assert (seen["AA"], seen["BWT"]) == (every["AA"], every["BWT"])
     assert seen["forgetting"] <= every["forgetting"]  # the max runs over fewer rows: only those after learning
+
+
+def test_evaluating_only_the_new_task_keeps_aa_and_bwt_and_withholds_forgetting(tmp_path):
+    data = two_tasks(tmp_path / "data")
+    write_task(data, "SC", "tone", [dict(sentence=f"so {w} {i}", label=l) for i in range(12)
+                                    for w, l in {"fine": "positive", "awful": "negative"}.items()], labels=["positive", "negative"])
+    run = lambda name, *args: train_cl.main([f"--data_dir={data}", f"--out_dir={tmp_path / name}", *TINY_RUN,
+                                             "--method=inclora", "--tasks=mood,topic,tone", *args], log=lambda s: None)[0]
+    every, new = run("a"), run("b", "--eval_tasks=new")
+    assert [row.count(None) for row in new["acc"]] == [2, 2, 0]  # the diagonal, then every task
+    assert new["acc"][1][1] == every["acc"][1][1] and new["acc"][-1] == every["acc"][-1]
+    assert (new["AA"], new["BWT"], new["forgetting"]) == (every["AA"], every["BWT"], None)
 
 
 def test_evaluate_counts_right_and_off_label_answers():
@@ -844,6 +856,8 @@ def test_metrics_on_a_known_matrix():
     assert train_cl.metrics([[40.0, 60.0]])[1:] == (None, None)  # one row (mtl): no transfer to measure
     seen_only = [[90.0, None, None], [60.0, 80.0, None], [50.0, 70.0, 95.0]]
     assert train_cl.metrics(seen_only) == (aa, bwt, forgetting)
+    diagonal = [[90.0, None, None], [None, 80.0, None], [50.0, 70.0, 95.0]]
+    assert train_cl.metrics(diagonal) == (aa, bwt, None)  # a task unseen between learning and the end
 
 
 def test_prompt_format_matches_method_md():

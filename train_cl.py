@@ -96,7 +96,7 @@ galore_lr = 1e-4  # galore: one lr for every weight, as GaLore's usage; effectiv
 weight_decay = 0.0
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
 eval_batch_size = 64
-eval_unseen = True  # after each task evaluate every task; False: only those trained so far (AA, BWT and forgetting need no more)
+eval_tasks = "all"  # after each task evaluate all tasks; seen: those trained so far (AA, BWT and forgetting need no more); new: the one just trained, and all at the end (AA and BWT need no more)
 # system
 device = "auto"  # auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps
 dtype = "auto"  # auto (bfloat16 autocast on a GPU or CPU with native bfloat16, else float32), float32, bfloat16, float16
@@ -205,7 +205,8 @@ def check_config(c):
             raise ConfigError(f"--{key} must be at least 1, got {c[key]}")
     if c["init_from"] in ("scratch", "pretrain") and c["max_len"] > c["block_size"]:
         raise ConfigError(f"--max_len {c['max_len']} is longer than --block_size {c['block_size']}")
-    for key, allowed in (("refresh_moments", ("keep", "align", "rotate")), ("space_from", ("projected", "raw"))):
+    for key, allowed in (("refresh_moments", ("keep", "align", "rotate")), ("space_from", ("projected", "raw")),
+                         ("eval_tasks", ("all", "seen", "new"))):
         if c[key] not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
     if not 0 < c["space_threshold"] <= 1:
@@ -535,14 +536,24 @@ def evaluate(c, model, task, enc, eot):
     return right, off_label
 
 
+def evaluated(c, spec, i, j, n):
+    """Whether task j is evaluated after training stage i of n (eval_tasks)."""
+    if c["eval_tasks"] == "all" or spec.get("joint") or i == n - 1:
+        return True
+    return j == i if c["eval_tasks"] == "new" else j <= i
+
+
 def metrics(acc):
     """AA, BWT and forgetting of an accuracy matrix (rows: after task i; method.md §6).
-    A single row (mtl) has no backward transfer: BWT and forgetting are None."""
+    A single row (mtl) has no backward transfer: BWT and forgetting are None; forgetting is None
+    too where a task went unevaluated between learning it and the end (eval_tasks=new)."""
     last, n = acc[-1], len(acc[-1])
     aa = sum(last) / n
     if len(acc) < n or n < 2:
         return aa, None, None
     bwt = sum(last[j] - acc[j][j] for j in range(n - 1)) / (n - 1)
+    if any(acc[i][j] is None for j in range(n - 1) for i in range(j, n - 1)):
+        return aa, bwt, None
     forgetting = sum(max(acc[i][j] for i in range(n - 1) if acc[i][j] is not None) - last[j] for j in range(n - 1)) / (n - 1)
     return aa, bwt, forgetting
 
@@ -642,8 +653,8 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
         if spec["lora"] == "fresh":
             gorp.end_task(model)
         t_eval = time.time()
-        scores = [evaluate(c, model, t, enc, eot) if j <= i or c["eval_unseen"] or spec.get("joint") else (None, None)
-                  for j, t in enumerate(tasks)]  # None: a task not trained yet, left unevaluated
+        scores = [evaluate(c, model, t, enc, eot) if evaluated(c, spec, i, j, len(stages)) else (None, None)
+                  for j, t in enumerate(tasks)]  # None: left unevaluated
         row = [right for right, _ in scores]
         acc.append(row)
         stats.append(dict(task=stage, train_seconds=round(seconds, 2), eval_seconds=round(time.time() - t_eval, 2),

@@ -13,7 +13,7 @@ max_len = 128  # dbpedia's prompt, with its 14 options, keeps only the start of 
 epochs = 1  # the paper's: one pass over each task
 batch_size = 16
 eval_batch_size = 32
-eval_unseen = False  # evaluate only the tasks trained so far: AA, BWT and forgetting need no more
+eval_tasks = "seen"  # evaluate only the tasks trained so far: AA, BWT and forgetting need no more
 # the paper's LLaMA-2 setting: LoRA r 8, alpha 32 on self_attn q_proj and v_proj (the family's default
 # patterns), GORP's full-rank weights mlp.gate_proj, projector rank 8, T 20, scale 0.25
 lora_r = 8
