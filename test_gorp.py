@@ -4,6 +4,7 @@ Run: python -m pytest -q test_gorp.py"""
 import io
 import json
 import os
+import shutil
 import struct
 from contextlib import nullcontext
 
@@ -1152,6 +1153,11 @@ def test_summarize_averages_finished_runs(tmp_path):
     table = train_cl.summary_table([str(tmp_path / "s1"), str(tmp_path / "s2")])
     gorp_line = next(line for line in table.splitlines() if line.startswith("gorp"))
     assert gorp_line.split()[1:4] == ["50.0", "±", "14.1"]
-    assert gorp_line.split()[-3:] == ["50.0", "±", "14.1"]  # just learned: the diagonal, here (aa + aa) / 2
-    with pytest.raises(train_cl.ConfigError, match="is missing"):
+    assert gorp_line.split()[-4:-1] == ["50.0", "±", "14.1"]  # just learned: the diagonal, here (aa + aa) / 2
+    assert gorp_line.split()[-1] == "2"  # runs
+    shutil.rmtree(tmp_path / "s2" / "mtl")  # mtl ran once: its row averages the one run it has
+    mtl_line = next(line for line in train_cl.summary_table([str(tmp_path / "s1"), str(tmp_path / "s2")]).splitlines()
+                    if line.startswith("mtl"))
+    assert mtl_line.split()[1:4] == ["40.0", "±", "0.0"] and mtl_line.split()[-1] == "1"
+    with pytest.raises(train_cl.ConfigError, match="holds no finished run"):
         train_cl.summary_table([str(tmp_path / "s1"), str(tmp_path / "nowhere")])

@@ -734,23 +734,22 @@ def finished_runs(out_dir):
 
 def summary_table(out_dirs):
     """Mean and standard deviation of AA, BWT and forgetting per method over finished runs, and
-    of the accuracy on each task just after training it: what was learned, before any forgetting."""
+    of the accuracy on each task just after training it: what was learned, before any forgetting.
+    A method is averaged over the folders that hold it (mtl, which no task order changes, may run
+    once per seed), and its row says over how many; other runs (the ablation's, a sweep's) are
+    shown where every folder holds them."""
     import statistics
-    found = [{e for e in os.listdir(d) if os.path.isfile(os.path.join(d, e, "results.json"))}
-             for d in out_dirs if os.path.isdir(d)]
-    anywhere = set.union(*found) if found else set()
-    others = set.intersection(*found) - set(METHODS) if found else set()
-    rows = [m for m in METHODS if m in anywhere or not found] + sorted(others)  # then the runs every out_dir holds besides
-    width = max([9] + [len(m) + 1 for m in rows])  # as the ablation's, or a tuning sweep's
-    lines = [f"{'method':<{width}}{'AA':>14}{'BWT':>14}{'forgetting':>14}{'just learned':>14}   over {len(out_dirs)} runs"]
-    for m in rows:
-        runs = []
-        for d in out_dirs:
-            path = os.path.join(d, m, "results.json")
-            if not os.path.isfile(path):
-                raise ConfigError(f"--summarize: {path} is missing (run --method=all with --out_dir={d} first)")
-            with open(path) as f:
-                runs.append(json.load(f))
+    for d in out_dirs:
+        if not os.path.isdir(d) or not finished_runs(d):
+            raise ConfigError(f"--summarize: {d} holds no finished run (a folder of <method>/results.json)")
+    runs_of = collections.defaultdict(list)
+    for d in out_dirs:
+        for r in finished_runs(d):
+            runs_of[r["method"]].append(r)
+    runs_of = {m: runs for m, runs in runs_of.items() if m in METHODS or len(runs) == len(out_dirs)}
+    width = max(9, max(len(m) + 1 for m in runs_of))  # as the ablation's, or a tuning sweep's
+    lines = [f"{'method':<{width}}{'AA':>14}{'BWT':>14}{'forgetting':>14}{'just learned':>14}   runs"]
+    for m, runs in runs_of.items():
         for r in runs:  # mtl's one row is what it learned of every task
             r["learned"] = sum(r["acc"][min(i, len(r["acc"]) - 1)][i] for i in range(len(r["acc"][-1]))) / len(r["acc"][-1])
         cells = []
@@ -758,7 +757,7 @@ def summary_table(out_dirs):
             values = [r[key] for r in runs if r[key] is not None]
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             cells.append(f"{statistics.mean(values):7.1f} ± {spread:4.1f}" if values else f"{'-':>14}")
-        lines.append(f"{m:<{width}}" + "".join(f"{cell:>14}" for cell in cells))
+        lines.append(f"{m:<{width}}" + "".join(f"{cell:>14}" for cell in cells) + f"{len(runs):7d}")
     return "\n".join(lines)
 
 
