@@ -1144,6 +1144,20 @@ def test_two_processes_give_the_same_matrix_as_one(tmp_path):
     assert two["acc"] == one["acc"]
 
 
+def test_plot_wraps_many_runs_and_draws_partial_matrices(tmp_path):
+    """Seven runs of three tasks: a full lower triangle, a diagonal (eval_tasks=new) and mtl's one
+    row; five panels a row, so two rows of matrices over curves, 5 x 4 by 2 x 7 inches at 100 dpi."""
+    pytest.importorskip("matplotlib")
+    seen = dict(acc=[[90.0, None, None], [60.0, 80.0, None], [50.0, 70.0, 95.0]], AA=71.7, BWT=-25.0)
+    new = dict(acc=[[90.0, None, None], [None, 80.0, None], [50.0, 70.0, 95.0]], AA=71.7, BWT=-25.0)
+    mtl = dict(acc=[[88.0, 77.0, 66.0]], AA=77.0, BWT=None)
+    runs = [dict(r, method=f"m{k}", tasks=["a", "b", "c"]) for k, r in enumerate([seen, new, mtl] * 2 + [seen])]
+    train_cl.plot_results(runs, str(tmp_path / "f.png"), log=lambda s: None)
+    with open(tmp_path / "f.png", "rb") as f:
+        width, height = struct.unpack(">II", f.read(24)[16:24])  # the PNG header's IHDR
+    assert (width, height) == (2000, 1400)
+
+
 def test_summarize_averages_finished_runs(tmp_path):
     for seed, aa in ((1, 40.0), (2, 60.0)):
         for m in train_cl.METHODS:

@@ -696,10 +696,16 @@ def plot_results(all_results, path, log):
     except ImportError:
         log("--plot needs matplotlib: pip install matplotlib (the rest of the run does not)")
         return
-    fig, axes = plt.subplots(2, len(all_results), figsize=(4 * len(all_results), 7), squeeze=False)
+    side = max(4, 0.45 * len(all_results[0]["tasks"]))  # a 15-task matrix needs room for its numbers
+    cols = min(len(all_results), 5)
+    rows = math.ceil(len(all_results) / cols)  # each a row of matrices over a row of their curves
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(side * cols, (3 + side) * rows), squeeze=False)
+    for k in range(len(all_results), rows * cols):  # the last row's empty places
+        axes[2 * (k // cols)][k % cols].axis("off")
+        axes[2 * (k // cols) + 1][k % cols].axis("off")
     for k, r in enumerate(all_results):
         acc, names = r["acc"], r["tasks"]
-        ax = axes[0][k]
+        ax = axes[2 * (k // cols)][k % cols]
         ax.imshow([[math.nan if a is None else a for a in row] for row in acc], vmin=0, vmax=100, cmap="viridis")
         ax.set_title(f"{r['method']}\nAA {r['AA']:.1f}  BWT {fmt(r['BWT'], '.1f').strip()}", fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
@@ -708,9 +714,10 @@ def plot_results(all_results, path, log):
             for j, a in enumerate(row):
                 if a is not None:
                     ax.text(j, i, f"{a:.0f}", ha="center", va="center", color="w" if a < 60 else "k", fontsize=8)
-        ax = axes[1][k]
+        ax = axes[2 * (k // cols) + 1][k % cols]
         for j, n in enumerate(names):
-            ax.plot(range(1, len(acc) + 1), [math.nan if row[j] is None else row[j] for row in acc], marker="o", label=n)
+            seen = [(i + 1, row[j]) for i, row in enumerate(acc) if row[j] is not None]  # the evaluated points, joined
+            ax.plot(*zip(*seen), marker="o", label=n, color=(plt.cm.tab20 if len(names) > 10 else plt.cm.tab10)(j % 20))
         ax.set_ylim(0, 100)
         ax.set_xticks(range(1, len(acc) + 1))
         ax.set_xlabel("tasks trained")
