@@ -746,12 +746,12 @@ def summary_table(out_dirs):
     once per seed), and its row says over how many; other runs (the ablation's, a sweep's) are
     shown where every folder holds them."""
     import statistics
-    for d in out_dirs:
-        if not os.path.isdir(d) or not finished_runs(d):
-            raise ConfigError(f"--summarize: {d} holds no finished run (a folder of <method>/results.json)")
     runs_of = collections.defaultdict(list)
     for d in out_dirs:
-        for r in finished_runs(d):
+        runs = finished_runs(d) if os.path.isdir(d) else []
+        if not runs:
+            raise ConfigError(f"--summarize: {d} holds no finished run (a folder of <method>/results.json)")
+        for r in runs:
             runs_of[r["method"]].append(r)
     runs_of = {m: runs for m, runs in runs_of.items() if m in METHODS or len(runs) == len(out_dirs)}
     width = max(9, max(len(m) + 1 for m in runs_of))  # as the ablation's, or a tuning sweep's
