@@ -753,7 +753,8 @@ def summary_table(out_dirs):
             raise ConfigError(f"--summarize: {d} holds no finished run (a folder of <method>/results.json)")
         for r in runs:
             runs_of[r["method"]].append(r)
-    runs_of = {m: runs for m, runs in runs_of.items() if m in METHODS or len(runs) == len(out_dirs)}
+    order = list(METHODS) + sorted(m for m in runs_of if m not in METHODS)  # METHODS first, whichever folder held them
+    runs_of = {m: runs_of[m] for m in order if m in runs_of and (m in METHODS or len(runs_of[m]) == len(out_dirs))}
     width = max(9, max(len(m) + 1 for m in runs_of))  # as the ablation's, or a tuning sweep's
     lines = [f"{'method':<{width}}{'AA':>14}{'BWT':>14}{'forgetting':>14}{'just learned':>14}   runs"]
     for m, runs in runs_of.items():

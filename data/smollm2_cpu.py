@@ -1,6 +1,6 @@
 # SmolLM2-135M-Instruct on the real benchmark, sized for a 2-core CPU (README.md, "The result on a real model"):
 #   python train_cl.py data/smollm2_cpu.py --order=1 --method=gorp --data_dir=path/to/CL_Benchmark
-# and a 15-task order (4 to 6) at caps that fit one run into about 25 minutes:
+# and a 15-task order (4 to 6) at caps that fit one run into about 20 minutes (two at a time):
 #   python train_cl.py data/smollm2_cpu.py --order=4 --max_train=160 --max_test=50 --eval_tasks=new
 # One method over one 4-task order takes about 10 to 12 minutes of this 2-core CPU in bfloat16 (two
 # single-thread runs at a time took 18 to 25 minutes each; bench.py: about 4 s a step of 16 x 128
