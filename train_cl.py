@@ -206,7 +206,7 @@ def check_config(c):
     if c["init_from"] in ("scratch", "pretrain") and c["max_len"] > c["block_size"]:
         raise ConfigError(f"--max_len {c['max_len']} is longer than --block_size {c['block_size']}")
     for key, allowed in (("refresh_moments", ("keep", "align", "rotate")), ("space_from", ("projected", "raw")),
-                         ("eval_tasks", ("all", "seen", "new"))):
+                         ("eval_tasks", ("all", "seen", "new")), ("dtype", ("auto", "float32", "bfloat16", "float16"))):
         if c[key] not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
     if not 0 < c["space_threshold"] <= 1:
@@ -292,19 +292,14 @@ def pick_device(c):
         raise ConfigError("device mps is not available")
     if name != "cpu" and not name.startswith(("cuda", "mps")):
         raise ConfigError(f"unknown device {name!r}: auto, cpu, cuda, cuda:N or mps")
-    if c["dtype"] not in ("auto", "float32", "bfloat16", "float16"):
-        raise ConfigError(f"unknown dtype {c['dtype']!r}: auto, float32, bfloat16 or float16")
     return torch.device(name)
 
 
 def set_precision(c, width):
     """Choose the autocast dtype for a model `width` wide; returns the choice in words. auto:
-    bfloat16 on a GPU that has it, and on a CPU that multiplies bfloat16 natively when the model is
-    512 or more wide. Below that, casts and elementwise work eat most of the faster matmuls: on this
-    project's 2-core AVX512_BF16 CPU the toy's 128-wide GPT trains and evaluates only 1.1x faster
-    in bfloat16, and its rounding moves the toy's chaotic results (README.md, "Pretrained
-    models"), while SmolLM2 (576 wide) trains 2.1x faster (bench.py). Weights and optimizer state
-    stay float32."""
+    bfloat16 on a GPU that has it, and on a CPU that multiplies it natively when the model is 512
+    or more wide: narrower, casts eat the faster matmuls (the toy's 128-wide GPT gains 1.1x,
+    SmolLM2 2.1x; bench.py). Weights and optimizer state stay float32."""
     device, dtype, why = c["_device"], c["dtype"], ""
     if dtype == "auto":
         if device.type == "cuda":
@@ -486,11 +481,9 @@ def train_task(c, model, opt, examples, spec, task_name, log):
             answer_tokens = sum(len(a) for _, a in batch)
             local = loss * (sum(len(a) for _, a in batch[rank::world]) * world / answer_tokens)  # world 1: loss
             penalty = gorp.olora_penalty(model) if spec.get("olora") else None
-            objective = local
-            if penalty is not None:  # O-LoRA's penalty is the same on every process: not weighted
-                objective = objective + c["olora_lambda1"] * penalty
-            if spec.get("olora") and c["olora_lambda2"]:
-                objective = objective + c["olora_lambda2"] * gorp.olora_l2(model)
+            objective = local  # O-LoRA's penalties are the same on every process: not weighted
+            if penalty is not None:
+                objective = objective + c["olora_lambda1"] * penalty + c["olora_lambda2"] * gorp.olora_l2(model)
             opt.zero_grad(set_to_none=True)
             objective.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, c["grad_clip"] or float("inf"))
