@@ -811,6 +811,24 @@ def run_cl(tmp_path, *args):
     return train_cl.main([f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *TINY_RUN, *args], log=lambda s: None)
 
 
+def test_olora_l2_acts_from_the_first_task():
+    """The first task has no finished adapter, so no orthogonality penalty; the L2 term on the
+    new adapter still acts there: a large lambda2 leaves the adapters smaller than none does."""
+    def adapter_norm(lambda2):
+        c = train_cl.parse_config([*TINY_RUN, f"--olora_lambda2={lambda2}", "--olora_lr=1e-2"])
+        c.update(_device=torch.device("cpu"), _autocast=nullcontext, _rank=0, _world=1)
+        spec = train_cl.METHODS["olora"]
+        model = tiny_model()
+        opt = train_cl.make_optimizer(c, spec, model)
+        gen = torch.Generator().manual_seed(0)
+        examples = [(torch.randint(64, (6,), generator=gen).tolist(), torch.randint(64, (2,), generator=gen).tolist())
+                    for _ in range(32)]
+        train_cl.train_task(c, model, opt, examples, spec, "first", log=lambda s: None)
+        return gorp.olora_l2(model).item()
+
+    assert adapter_norm(10.0) < 0.9 * adapter_norm(0.0)
+
+
 def test_unseen_tasks_left_unevaluated_change_no_metric(tmp_path):
     every = run_cl(tmp_path / "a", "--method=inclora")[0]
     seen = run_cl(tmp_path / "b", "--method=inclora", "--eval_tasks=seen")[0]

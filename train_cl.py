@@ -482,8 +482,10 @@ def train_task(c, model, opt, examples, spec, task_name, log):
             local = loss * (sum(len(a) for _, a in batch[rank::world]) * world / answer_tokens)  # world 1: loss
             penalty = gorp.olora_penalty(model) if spec.get("olora") else None
             objective = local  # O-LoRA's penalties are the same on every process: not weighted
-            if penalty is not None:
-                objective = objective + c["olora_lambda1"] * penalty + c["olora_lambda2"] * gorp.olora_l2(model)
+            if penalty is not None:  # none in the first task, which has no finished adapter to be orthogonal to
+                objective = objective + c["olora_lambda1"] * penalty
+            if spec.get("olora") and c["olora_lambda2"]:  # the L2 term acts from the first task on
+                objective = objective + c["olora_lambda2"] * gorp.olora_l2(model)
             opt.zero_grad(set_to_none=True)
             objective.backward()
             norm = torch.nn.utils.clip_grad_norm_(params, c["grad_clip"] or float("inf"))
