@@ -299,7 +299,8 @@ def set_precision(c, width):
     """Choose the autocast dtype for a model `width` wide; returns the choice in words. auto:
     bfloat16 on a GPU that has it, and on a CPU that multiplies it natively when the model is 512
     or more wide: narrower, casts eat the faster matmuls (the toy's 128-wide GPT gains 1.1x,
-    SmolLM2 2.1x; bench.py). Weights and optimizer state stay float32."""
+    SmolLM2 2.1x; bench.py), and bfloat16's rounding would move the toy's chaotic results.
+    Weights and optimizer state stay float32."""
     device, dtype, why = c["_device"], c["dtype"], ""
     if dtype == "auto":
         if device.type == "cuda":
