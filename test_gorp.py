@@ -961,6 +961,7 @@ def test_end_to_end_tiny_run(tmp_path, method):
     assert saved["AA"] == pytest.approx(sum(results["acc"][-1]) / 2)
     for key in ("BWT", "forgetting", "per_task", "config"):
         assert key in saved
+    assert saved["precision"] == "float32"  # what auto chose, recorded: the toy's 128-wide GPT stays float32
     stats = saved["per_task"][0]
     assert stats["trainable_params"] > 0 and stats["optimizer_state_bytes"] > 0 and stats["tokens_per_second"] > 0
     if method == "gorp":

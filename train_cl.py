@@ -309,6 +309,7 @@ def set_precision(c, width):
             fast = device.type == "cpu" and cpu_has_native_bf16() and width >= 512
             why = f"this CPU has native bfloat16, the model is {width} wide" if fast else ""
         dtype = "bfloat16" if fast else "float32"
+    c["_dtype"] = dtype  # recorded in results.json: auto resolves differently on another machine
     ptdtype = getattr(torch, dtype)
     c["_autocast"] = (lambda: torch.autocast(device.type, dtype=ptdtype)) if dtype != "float32" else nullcontext
     return f"{dtype} autocast (auto: {why})" if why else f"{dtype} autocast" if dtype != "float32" else "float32"
@@ -662,7 +663,7 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
             save_checkpoint(c, run_dir, model, spaces, acc, stats, i + 1)
     aa, bwt, forgetting = metrics(acc)
     results = dict(method=c["method"], tasks=names, acc=acc, AA=aa, BWT=bwt, forgetting=forgetting,
-                   per_task=stats, config=public(c))
+                   per_task=stats, precision=c["_dtype"], config=public(c))
     if c["_rank"] == 0:
         with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
             json.dump(results, f, indent=1)
