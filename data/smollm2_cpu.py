@@ -5,7 +5,7 @@
 # One method over one 4-task order takes about 10 to 12 minutes of this 2-core CPU in bfloat16 (two
 # single-thread runs at a time took 18 to 25 minutes each; bench.py: about 4 s a step of 16 x 128
 # tokens, 9 examples a second of greedy evaluation). A CPU without native bfloat16 runs it in
-# float32 (dtype auto; results.json records which): two at a time took 37 to 56 minutes each on a
+# float32 (dtype auto; results.json records which): two at a time took 35 to 56 minutes each on a
 # 2-core AVX2 one. The placement and shapes are the paper's LLaMA-2 setting (method.md section 5);
 # the learning rates start from its values and are tuned per method on examples held out of
 # train.json (--valid=True), never on test.json.
