@@ -324,8 +324,9 @@ class GPT(nn.Module):
         llama or qwen2, with safetensors, sharded or not, or pytorch_model.bin), a .gguf file of the
         llama architecture, or a name: gpt2, gpt2-medium, gpt2-large, gpt2-xl or smollm2 (section 6,
         resolve). Nothing is ever downloaded; README.md says how to get each model."""
-        config, sd = read_checkpoint(path_or_name)
+        config, sd, stored = read_checkpoint(path_or_name)
         model = cls(config)
+        model.source = dict(path=os.path.abspath(resolve(path_or_name)), stored=stored)  # results.json's provenance
         if config.tie_embeddings:
             sd["lm_head.weight"] = sd.get("model.embed_tokens.weight" if config.family == "llama" else "transformer.wte.weight")
         want = set(model.state_dict())
@@ -513,6 +514,39 @@ def grow_space(S, M, threshold):
     return S
 
 
+@torch.no_grad()
+def input_grams(model, batches):
+    """{LoRALinear: X^T X (d_in, d_in)}, X the inputs a task's tokens feed each adapted layer:
+    GPM's representation matrix, kept as its Gram so a sample of any size costs d_in^2.
+    batches: (idx (B, T), keep (B, T) bool, False on padding)."""
+    grams, keep = {}, None
+
+    def hook(module, args, output):
+        x = args[0][keep].float()  # (K, d_in): the real tokens
+        grams[module] = grams.get(module, 0) + x.t() @ x  # (d_in, d_in)
+
+    handles = [m.register_forward_hook(hook) for _, m in lora_modules(model)]
+    try:
+        for idx, keep in batches:
+            model(idx)
+    finally:
+        for h in handles:
+            h.remove()
+    return grams
+
+
+def gram_columns(G):
+    """A matrix with G's energy, direction by direction: U sqrt(L) (d, d) for G = U L U^T. Its
+    singular directions and values are the representation matrix's, so grow_space takes it as is."""
+    L, U = torch.linalg.eigh(G.float())
+    return U * L.clamp(min=0).sqrt()  # (d, d)
+
+
+def coverage(S, G):
+    """The share of the energy of inputs with Gram G (d, d) that lies inside span(S) (d, k)."""
+    return float((S.t() @ G.float() @ S).trace() / G.trace().clamp(min=1e-30))
+
+
 def columns(M, right):
     """A projected-space matrix in column form for its space: M (m, r) of a right-projected W
     is already so; M (r, n) of a left-projected W, or (r, d_in) of a LoRA A, is transposed."""
@@ -663,11 +697,12 @@ class GORP(torch.optim.Optimizer):
 
     # -- the shared space across tasks
 
-    def grow_shared_space(self, threshold=0.9):
+    def grow_shared_space(self, threshold=0.9, inputs=None):
         """At the end of a task: grow every shared-space parameter's basis from its Adam first
         moment (method.md §4), or from the moment of the raw gradient (space_from=raw) where
-        there was a space to take out. Returns {param: dimension of its space}."""
-        sizes = {}
+        there was a space to take out, or, for a LoRA A in `inputs` ({param: (d_in, c) columns},
+        space_from=inputs), from its layer's inputs. Returns {param: dimension of its space}."""
+        sizes, inputs = {}, inputs or {}
         for group in self.param_groups:
             if not group["shared_space"]:
                 continue
@@ -676,8 +711,8 @@ class GORP(torch.optim.Optimizer):
                 if "exp_avg" not in state:
                     continue  # never stepped in this task: nothing learned to protect
                 right = state.get("proj_right", False)  # a LoRA A (r, d_in) keeps its space like a left W
-                M = state.get("exp_avg_raw", state["exp_avg"])
-                state["space"] = grow_space(state.get("space"), columns(M, right), threshold)
+                M = inputs[p] if p in inputs else columns(state.get("exp_avg_raw", state["exp_avg"]), right)
+                state["space"] = grow_space(state.get("space"), M, threshold)
                 sizes[p] = state["space"].size(1)
         return sizes
 
@@ -778,19 +813,20 @@ def smollm2_gguf():
 
 
 def read_checkpoint(path_or_name):
-    """(GPTConfig, state dict in GPT's names) from a Hugging Face folder of GPT-2 or of the
-    LLaMA family (model_type llama or qwen2), or from a .gguf file of the llama architecture."""
+    """(GPTConfig, state dict in GPT's names, the types the weights were stored in) from a Hugging
+    Face folder of GPT-2 or of the LLaMA family (model_type llama or qwen2), or a llama .gguf file."""
     path = resolve(path_or_name)
     if path.endswith(".gguf"):
         return read_gguf(path)
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     hf = read_hf_config(folder, path_or_name)
     sd = read_hf_weights(folder)
+    stored = ", ".join(sorted({str(v.dtype).replace("torch.", "") for v in sd.values()}))
     if hf.get("model_type") == "gpt2":
         config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
                            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
-        return config, gpt2_to_gorp(sd)
-    return llama_config(hf, folder), {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}
+        return config, gpt2_to_gorp(sd), stored
+    return llama_config(hf, folder), {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}, stored
 
 
 def read_hf_config(folder, asked):
@@ -938,7 +974,7 @@ def read_gguf(path):
         if name.endswith(("q_proj", "k_proj")):
             w = unpermute_rotary(w, n_head if name.endswith("q_proj") else config.n_kv_head)
         sd[f"{name}.{kind}"] = w
-    return config, sd
+    return config, sd, ", ".join(sorted({t.tensor_type.name for t in reader.tensors}))
 
 
 def float32_as_written(x):

@@ -201,6 +201,43 @@ def test_fresh_adapter_can_start_off_the_shared_space(off_space):
     assert share < 1e-10 if off_space else share > 1e-3  # a random 6 of 16 dims: about 6/16 of B A0's action
 
 
+def adapter_effect_on(model, idx):
+    """|adapter's output| / |base layer's output| on the inputs idx feeds each adapted layer."""
+    grams = gorp.input_grams(model, [(idx, torch.ones_like(idx, dtype=torch.bool))])
+    adapter = base = 0.0
+    for m, G in grams.items():  # |X M^T|^2 = trace(M G M^T)
+        BA = m.scaling * m.lora_B @ m.lora_A  # (out, in)
+        adapter += (BA @ G @ BA.t()).trace().item()
+        base += (m.weight @ G @ m.weight.t()).trace().item()
+    return (adapter / base) ** 0.5
+
+
+def test_space_grown_from_inputs_covers_them_and_the_next_adapter_leaves_them_alone():
+    """space_from=inputs: the space holds the fewest directions that reach the threshold of what
+    task 1 fed each adapted layer, and a task-2 adapter that starts and stays off it acts on task
+    1's inputs a hundredth as much as one trained with no space does."""
+    effect = {}
+    for space in ("inputs", "none"):
+        model = tiny_model()
+        opt = gorp.GORP(gorp.param_groups(model, lr=1e-2, shared_space=True))
+        train_steps(model, opt, 3, seed=1)
+        task1 = batch(seed=1)[0]
+        grams = gorp.input_grams(model, [(task1, torch.ones_like(task1, dtype=torch.bool))])
+        if space == "inputs":
+            opt.grow_shared_space(0.99, {m.lora_A: gorp.gram_columns(G) for m, G in grams.items()})
+            for m, G in grams.items():
+                S = opt.state[m.lora_A]["space"]
+                assert gorp.coverage(S, G) >= 0.99 > gorp.coverage(S[:, :-1], G) and S.size(1) < TINY.n_embd
+        gorp.end_task(model)
+        spaces = opt.shared_spaces()
+        opt = gorp.GORP(gorp.param_groups(model, lr=1e-2, shared_space=True))
+        opt.load_shared_spaces(spaces)
+        opt.start_adapters_off_spaces()
+        train_steps(model, opt, 5, seed=2)
+        effect[space] = adapter_effect_on(model, task1)
+    assert effect["inputs"] < 0.01 * effect["none"]
+
+
 @pytest.mark.parametrize("right", [True, False])
 def test_moments_carried_through_a_refresh(right):
     """A refresh that returns the same subspace with its vectors reordered and flipped: rotate

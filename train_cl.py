@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import subprocess
 import sys
 import time
 import warnings
@@ -76,7 +77,8 @@ exact_svd = False  # torch.linalg.svd instead of the hand-rolled factorisation
 # three questions the paper leaves open (method.md §5b), each a switch; defaults measured (README.md, "Open questions")
 fresh_A_off_space = False  # a fresh adapter's A starts off its layer's shared space, not only its updates
 refresh_moments = "keep"  # at a projector refresh Adam's moments are kept (GaLore's way), sign-aligned (align), or carried into the new basis (rotate)
-space_from = "projected"  # the shared space grows from the first moment of the gradient after (projected) or before (raw) the space is taken out
+space_from = "projected"  # the shared space grows from the first moment of the gradient after (projected) or before (raw) the space is taken out, or for LoRA A from the layer's inputs (inputs)
+space_sample = 32  # training examples a task is sampled by: the inputs space_from=inputs grows from, and the coverage measured
 galore_rank = 8  # galore's projector rank (GORP's, so the two project alike)
 galore_update_proj_gap = 200  # galore's T, as GaLore's README trains
 galore_scale = 0.25  # galore's alpha, as GaLore's README trains: its effective lr on the matrices is galore_lr * 0.25
@@ -205,7 +207,7 @@ def check_config(c):
             raise ConfigError(f"--{key} must be at least 1, got {c[key]}")
     if c["init_from"] in ("scratch", "pretrain") and c["max_len"] > c["block_size"]:
         raise ConfigError(f"--max_len {c['max_len']} is longer than --block_size {c['block_size']}")
-    for key, allowed in (("refresh_moments", ("keep", "align", "rotate")), ("space_from", ("projected", "raw")),
+    for key, allowed in (("refresh_moments", ("keep", "align", "rotate")), ("space_from", ("projected", "raw", "inputs")),
                          ("eval_tasks", ("all", "seen", "new")), ("dtype", ("auto", "float32", "bfloat16", "float16"))):
         if c[key] not in allowed:
             raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
@@ -404,6 +406,28 @@ def pretrained_base(c, model, enc, eot, log):
     return model
 
 
+def provenance(c, model):
+    """What a results.json was made from: the weights' file and a digest of it, the types they were
+    stored in, the precision run, and the code's git commit (dirty: tracked files had changed)."""
+    source = getattr(model, "source", None)
+    digest = None
+    if source:
+        path = source["path"]
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".bin"))) \
+            if os.path.isdir(path) else [path]
+        h = hashlib.sha256()
+        for f in files:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+        digest = h.hexdigest()
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return dict(weights=source["path"] if source else c["init_from"], sha256=digest,
+                stored=source["stored"] if source else "float32", precision=c["_dtype"],
+                commit=git("rev-parse", "HEAD") or None, dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
+
+
 def hash_of(obj):
     return int(hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12], 16)
 
@@ -436,6 +460,53 @@ def make_optimizer(c, spec, model):
                                train_rest=spec.get("rest", False), exact_svd=c["exact_svd"],
                                refresh_moments=c["refresh_moments"], space_from=c["space_from"])
     return gorp.GORP(groups, lr=lr, betas=(0.9, 0.999), weight_decay=c["weight_decay"])
+
+
+def sample_batches(c, examples):
+    """A fixed sample of a task's training examples, batched as gorp.input_grams reads them."""
+    sample = examples[: c["space_sample"]]
+    for i in range(0, len(sample), c["batch_size"]):
+        chunk = sample[i: i + c["batch_size"]]
+        idx, _ = collate(chunk, c["_device"])
+        lengths = torch.tensor([len(p) + len(a) - 1 for p, a in chunk], device=idx.device)
+        yield idx, torch.arange(idx.size(1), device=idx.device)[None] < lengths[:, None]  # (B, T)
+
+
+def kind_of(name):
+    """A parameter's name without its layer: model.layers.3.mlp.gate_proj.weight -> mlp.gate_proj.weight."""
+    return re.sub(r"^.*?\.\d+\.", "", name)
+
+
+def by_kind(values):
+    """{name: value} -> {kind: [mean, max]} over the layers."""
+    kinds = collections.defaultdict(list)
+    for name, v in values.items():
+        kinds[kind_of(name)].append(v)
+    return {k: [sum(vs) / len(vs), max(vs)] for k, vs in kinds.items()}
+
+
+@torch.no_grad()
+def movement(model, opt, start):
+    """How far a task moved each trained group: |W - W_start| / |W_start| for the projected
+    full-rank weights, |scaling B A| / |W| for each adapter (before it is merged)."""
+    named = dict(model.named_parameters())
+    moved = {n: float((named[n] - w).norm() / w.norm()) for n, w in start.items()}
+    for n, m in gorp.lora_modules(model):
+        moved[n + ".BA"] = float(m.scaling * (m.lora_B.float() @ m.lora_A.float()).norm() / m.weight.float().norm())
+    return by_kind(moved)
+
+
+def space_report(c, model, opt, seen):
+    """The shared spaces' sizes, and the share of the tasks seen so far's layer-input energy that
+    lies inside each LoRA A's space (a fixed sample of their training examples, through the model now)."""
+    name_of = {p: n for n, p in model.named_parameters()}
+    spaces = {name_of[p]: S for p, S in opt.shared_spaces().items()}
+    model.eval()
+    grams = gorp.input_grams(model, (b for t in seen for b in sample_batches(c, t)))
+    model.train()
+    names = {m: n + ".lora_A" for n, m in gorp.lora_modules(model)}
+    cover = {names[m]: gorp.coverage(spaces[names[m]], G) for m, G in grams.items() if names[m] in spaces}
+    return by_kind({n: S.size(1) for n, S in spaces.items()}), by_kind(cover)
 
 
 def count_params(model, opt):
@@ -640,13 +711,28 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
         total, trainable, projected = count_params(model, opt)
         log(f"task {i + 1}/{len(stages)} {stage}: {len(examples)} examples | params {total:,} total, "
             f"{trainable:,} trained, {projected:,} of them projected")
+        start_weights = {n: p.detach().clone() for n, p in named.items() if any(p is q for g in opt.param_groups
+                                                                               if g["rank"] for q in g["params"])}
         tokens, seconds = train_task(c, model, opt, examples, spec, stage, log)
         state_bytes = opt.state_bytes()
+        moved, space, cover = movement(model, opt, start_weights), {}, {}
+        log("  moved (|change| / |weight|, mean and max over layers): "
+            + ", ".join(f"{k} {v[0]:.1e} ({v[1]:.1e})" for k, v in moved.items()))
         if spec.get("shared") and c["shared_space"]:
-            sizes = opt.grow_shared_space(c["space_threshold"])
+            inputs = None
+            if c["space_from"] == "inputs":  # GPM's own representation: what the task fed each adapted layer
+                model.eval()
+                grams = gorp.input_grams(model, sample_batches(c, examples))
+                model.train()
+                inputs = {m.lora_A: gorp.gram_columns(G) for m, G in grams.items()}
+            opt.grow_shared_space(c["space_threshold"], inputs)
             name_of = {p: n for n, p in named.items()}
             spaces = {name_of[p]: S.cpu() for p, S in opt.shared_spaces().items()}  # by name, for the checkpoint
-            log(f"  shared space: {sum(sizes.values())} directions over {len(sizes)} matrices")
+            space, cover = space_report(c, model, opt, [t["train"] for t in tasks[: i + 1]] if not spec.get("joint")
+                                        else [examples])
+            log("  shared space (directions, mean and max over layers): "
+                + ", ".join(f"{k} {v[0]:.1f} ({v[1]})" for k, v in space.items())
+                + " | inputs of the tasks so far it covers: " + ", ".join(f"{k} {v[0]:.1%}" for k, v in cover.items()))
         if spec["lora"] == "fresh":
             gorp.end_task(model)
         t_eval = time.time()
@@ -657,13 +743,13 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
         stats.append(dict(task=stage, train_seconds=round(seconds, 2), eval_seconds=round(time.time() - t_eval, 2),
                           tokens_per_second=round(tokens / max(seconds, 1e-9)), trainable_params=trainable,
                           projected_params=projected, optimizer_state_bytes=state_bytes,
-                          off_label=[off for _, off in scores]))
+                          off_label=[off for _, off in scores], moved=moved, space=space, coverage=cover))
         log(f"after {stage}: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, row) if a is not None))
         if c["_rank"] == 0:
             save_checkpoint(c, run_dir, model, spaces, acc, stats, i + 1)
     aa, bwt, forgetting = metrics(acc)
     results = dict(method=c["method"], tasks=names, acc=acc, AA=aa, BWT=bwt, forgetting=forgetting,
-                   per_task=stats, precision=c["_dtype"], config=public(c))
+                   per_task=stats, precision=c["_dtype"], provenance=c["_provenance"], config=public(c))
     if c["_rank"] == 0:
         with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
             json.dump(results, f, indent=1)
@@ -813,6 +899,7 @@ def main(argv, log=print):
         f"{model.config.n_layer} layers x {model.config.n_embd}, weights in float32 ({where}); {precision}")
     if c["max_len"] > model.config.block_size:
         raise ConfigError(f"--max_len {c['max_len']} is longer than the model's block_size {model.config.block_size}")
+    c["_provenance"] = provenance(c, model)
     base_state, model_args = model.state_dict(), vars(model.config)
     methods = list(METHODS) if c["method"] == "all" else [c["method"]]
     all_results = []
