@@ -145,8 +145,8 @@ def bench_training(results):
     c["_toy_dir"] = c["data_dir"] = os.path.join(c["out_dir"], f"toy-{c['seed']}")
     if not os.path.isfile(os.path.join(c["_toy_dir"], "pretrain.json")):
         train_cl.toy.write_suite(c["_toy_dir"], seed=c["seed"])
-    enc, eot = train_cl.tokenizer()
-    tasks = train_cl.load_tasks(c, enc, eot)
+    enc = gorp.load_tokenizer("gpt2")
+    tasks = train_cl.load_tasks(c, enc)
     torch.manual_seed(0)
     base = gorp.GPT(gorp.GPTConfig(block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"]))
     state, args = base.state_dict(), vars(base.config)

@@ -866,6 +866,35 @@ def test_olora_l2_acts_from_the_first_task():
     assert adapter_norm(10.0) < 0.9 * adapter_norm(0.0)
 
 
+@pytest.mark.parametrize("method", ["gorp", "olora", "seqft"])
+def test_gradient_accumulation_takes_the_same_step(method):
+    """One step of a batch of 8 answers of different lengths, whole or as 4 micro-batches: the
+    loss weighting makes the summed gradient the whole batch's, so the update is the same."""
+    def one_step(accum):
+        c = train_cl.parse_config([*TINY_RUN, "--batch_size=8", "--epochs=1", f"--grad_accum={accum}", "--grad_clip=0.0"])
+        c.update(_device=torch.device("cpu"), _autocast=nullcontext, _rank=0, _world=1)
+        spec = train_cl.METHODS[method]
+        model = tiny_model(lora=False)
+        if spec["lora"] != "none":
+            gorp.inject_lora(model, r"attn\.c_attn$", r=4, alpha=8)
+            gorp.end_task(model)  # a finished adapter, so O-LoRA's penalty acts too
+            for _, m in gorp.lora_modules(model):
+                m.lora_B.data.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+        opt = train_cl.make_optimizer(c, spec, model)
+        gen = torch.Generator().manual_seed(0)
+        examples = [(torch.randint(64, (6,), generator=gen).tolist(), torch.randint(64, (1 + i % 3,), generator=gen).tolist())
+                    for i in range(8)]
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        train_cl.train_task(c, model, opt, examples, spec, "t", log=lambda s: None)
+        return {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+    whole, split = one_step(1), one_step(4)
+    moved = [n for n in whole if whole[n].abs().max() > 0]
+    assert moved
+    for n in moved:
+        assert torch.allclose(whole[n], split[n], atol=1e-6, rtol=1e-4), n
+
+
 def test_unseen_tasks_left_unevaluated_change_no_metric(tmp_path):
     every = run_cl(tmp_path / "a", "--method=inclora")[0]
     seen = run_cl(tmp_path / "b", "--method=inclora", "--eval_tasks=seen")[0]
@@ -889,7 +918,8 @@ def test_evaluating_only_the_new_task_keeps_aa_and_bwt_and_withholds_forgetting(
 def test_evaluate_counts_right_and_off_label_answers():
     """Exact match after normalisation, and the answers that are none of the task's labels: a
     model that says the other label is wrong but on-label, one that says another word is off-label."""
-    enc, eot = train_cl.tokenizer()
+    enc = gorp.load_tokenizer("gpt2")
+    eot = enc.end_token
     said = [" Sports.", " politics", " weather", " SPORTS"]  # right, wrong on-label, off-label, right
 
     class Parrot(torch.nn.Module):  # answers the prompts in the order it sees them
@@ -898,7 +928,7 @@ def test_evaluate_counts_right_and_off_label_answers():
 
     task = dict(labels=["sports", "politics"], test=[([i], enc.encode_ordinary(" sports") + [eot]) for i in range(4)])
     c = dict(_rank=0, _world=1, eval_batch_size=3, _autocast=nullcontext)
-    assert train_cl.evaluate(c, Parrot(), task, enc, eot) == (50.0, 25.0)
+    assert train_cl.evaluate(c, Parrot(), task, enc) == (50.0, 25.0)
 
 
 def test_metrics_on_a_known_matrix():
@@ -929,7 +959,8 @@ def test_prompt_format_matches_method_md():
 
 
 def test_long_sentence_is_cut_inside_the_sentence():
-    enc, eot = train_cl.tokenizer()
+    enc = gorp.load_tokenizer("gpt2")
+    eot = enc.end_token
     record = dict(sentence="word " * 500, label="Sports")
     prompt, answer = benchmark.encode_example(enc, "TC", "agnews", ["World", "Sports"], record, 80, eot)
     assert len(prompt) + len(answer) == 80
@@ -951,7 +982,8 @@ def test_loader_reads_the_layout(tmp_path):
     assert len(records) == 10 and labels == ["a", "b"] and {r["label"] for r in records} <= {"a", "b"}
     assert benchmark.load_split(str(root), "TC", "news", "train", cap=10, seed=0)[0] == records  # seeded
     assert benchmark.load_split(str(root), "SC", "nolabels", "test")[1] == ["neg", "pos"]  # from the records
-    enc, eot = train_cl.tokenizer()
+    enc = gorp.load_tokenizer("gpt2")
+    eot = enc.end_token
     prompt, _ = benchmark.encode_example(enc, "COPA", "COPA", ["1", "2"], dict(sentence="It rained.", label="1"), 64, eot)
     assert enc.decode(prompt) == "Task:COPA\nDataset:COPA\nIt rained.\nAnswer:"
 
@@ -978,13 +1010,14 @@ def test_valid_holds_out_training_examples_and_never_reads_test(tmp_path):
     (root / "TC" / "news" / "test.json").write_text("not JSON: reading it would fail")
     c = train_cl.parse_config([f"--data_dir={root}", "--valid=True", "--max_test=6", "--max_train=0"])
     c["_toy_dir"] = None
-    enc, eot = train_cl.tokenizer()
-    (task,) = train_cl.load_tasks(c, enc, eot)
+    enc = gorp.load_tokenizer("gpt2")
+    eot = enc.end_token
+    (task,) = train_cl.load_tasks(c, enc)
     train, test = ({enc.decode(p) for p, _ in task[split]} for split in ("train", "test"))
     assert len(test) == 6 and len(train) == 24 and not train & test  # disjoint, and together all 30
     c["valid"] = False
     with pytest.raises(benchmark.DataError, match="not valid JSON"):  # the check above would notice a read
-        train_cl.load_tasks(c, enc, eot)
+        train_cl.load_tasks(c, enc)
 
 
 @pytest.mark.parametrize("method", ["gorp", "olora"])
@@ -1220,14 +1253,14 @@ def test_summarize_averages_finished_runs(tmp_path):
             os.makedirs(tmp_path / f"s{seed}" / m)
             json.dump(dict(AA=aa, BWT=-aa / 2, forgetting=None if m == "mtl" else aa / 2, acc=[[aa, 0.0], [10.0, aa]]),
                       open(tmp_path / f"s{seed}" / m / "results.json", "w"))
-    table = train_cl.summary_table([str(tmp_path / "s1"), str(tmp_path / "s2")])
+    table = train_cl.summary_table(train_cl.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "s2")]))
     gorp_line = next(line for line in table.splitlines() if line.startswith("gorp"))
     assert gorp_line.split()[1:4] == ["50.0", "±", "14.1"]
     assert gorp_line.split()[-4:-1] == ["50.0", "±", "14.1"]  # just learned: the diagonal, here (aa + aa) / 2
     assert gorp_line.split()[-1] == "2"  # runs
     shutil.rmtree(tmp_path / "s2" / "mtl")  # mtl ran once: its row averages the one run it has
-    mtl_line = next(line for line in train_cl.summary_table([str(tmp_path / "s1"), str(tmp_path / "s2")]).splitlines()
+    mtl_line = next(line for line in train_cl.summary_table(train_cl.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "s2")])).splitlines()
                     if line.startswith("mtl"))
     assert mtl_line.split()[1:4] == ["40.0", "±", "0.0"] and mtl_line.split()[-1] == "1"
     with pytest.raises(train_cl.ConfigError, match="holds no finished run"):
-        train_cl.summary_table([str(tmp_path / "s1"), str(tmp_path / "nowhere")])
+        train_cl.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "nowhere")])

@@ -4,10 +4,10 @@ Continual learning, task after task, with GORP or a baseline, ending in the forg
     python train_cl.py                                  # GORP on the built-in toy suite, CPU, ~2 min
     python train_cl.py --method=all                     # every method, one side-by-side table
     python train_cl.py --method=seqft --seed=2          # any key below as --key=value
-    python train_cl.py config/my_run.py --lr=3e-4       # or a Python file of assignments
-    python train_cl.py --data_dir=../CL_Benchmark --order=1 --init_from=gpt2   # the real benchmark
+    python train_cl.py data/smollm2_cpu.py --order=1    # a config file: SmolLM2 on the real benchmark
+    python train_cl.py --summarize=out,out-seed2        # mean, spread and paired gaps of finished runs
     python train_cl.py --help                           # every key, its default and what it does
-    torchrun --standalone --nproc_per_node=4 train_cl.py --data_dir=...   # data parallel on 4 GPUs
+    torchrun --standalone --nproc_per_node=4 train_cl.py data/smollm2_cpu.py   # data parallel, 4 GPUs
 
 After each task every task of the sequence is evaluated (greedy generation, exact match), so
 a[i][j] = accuracy on task j after training task i; the end prints that matrix with AA, BWT
@@ -20,24 +20,27 @@ import hashlib
 import json
 import math
 import os
+import pathlib
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
 import warnings
 from contextlib import nullcontext
 
-warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's, when numpy is absent: harmless here
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's, when numpy is absent: harmless
 import torch  # noqa: E402
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
-import gorp
-from data import benchmark, toy
+import gorp  # noqa: E402
+from data import benchmark, toy  # noqa: E402
 
 # -----------------------------------------------------------------------------
-# configuration: every key can be set as --key=value or in a Python config file
+# configuration: every key can be set as --key=value or in a Python config file. The defaults are
+# the toy suite's; data/smollm2_cpu.py holds SmolLM2's on the real benchmark
 # what and where
 method = "gorp"  # gorp, seqft, seqlora, inclora, olora, galore, mtl, or all (each in turn, one table)
 out_dir = "out"  # results.json, checkpoints and the cached base model go here
@@ -47,10 +50,10 @@ tasks = ""  # comma list of tasks in training order; empty with order 0: every t
 max_train = 1000  # training examples per task at most (0: all)
 max_test = 200  # test examples per task at most (0: all)
 max_len = 128  # tokens of prompt and answer at most; a longer sentence is cut, never the template
-valid = False  # tune: evaluate on max_test examples held out of each task's train.json (a fifth with 0), never on test.json
+valid = False  # tune: evaluate on max_test examples held out of train.json (a fifth with 0), never test.json
 # the model
-init_from = "auto"  # auto (pretrain for the toy suite, smollm2 for a benchmark folder), pretrain (a small GPT pretrained on the toy's unlabeled text, cached), scratch, a checkpoint .pt, a Hugging Face folder or .gguf file, or a name: smollm2, gpt2
-n_layer = 4  # model size when not loaded from a checkpoint
+init_from = "auto"  # auto (toy: pretrain; benchmark: smollm2), pretrain, scratch, a .pt, a folder, a .gguf, a name
+n_layer = 4  # model size when made here (pretrain: a small GPT pretrained on the toy's text, cached; scratch)
 n_head = 4
 n_embd = 128
 block_size = 128
@@ -70,45 +73,44 @@ lora_dropout = 0.0
 rank = 8  # rank r of the gradient projector
 update_proj_gap = 10  # T: steps between projector refreshes (the paper's 10)
 scale = 1.0  # alpha: the projected update is scaled by it, so the effective lr is full_rank_lr * scale
-space_threshold = 0.9  # eps: energy of a task's first moment the shared space must capture
+space_threshold = 0.9  # eps: the share of a task's energy the shared space must capture (GPM's rule)
 olora_lambda1 = 0.5  # O-LoRA's orthogonality weight
-olora_lambda2 = 0.0  # O-LoRA's L2 weight: on the unsquared norms of the new adapter's A and B (its 15-task runs: 0.1)
+olora_lambda2 = 0.0  # O-LoRA's L2 weight on the unsquared norms of the new A and B (its 15-task runs: 0.1)
 exact_svd = False  # torch.linalg.svd instead of the hand-rolled factorisation
-# three questions the paper leaves open (method.md §5b), each a switch; defaults measured (README.md, "Open questions")
+# questions the paper leaves open (method.md §5b), each a switch; results/README.md has what each measured
 fresh_A_off_space = False  # a fresh adapter's A starts off its layer's shared space, not only its updates
-refresh_moments = "keep"  # at a projector refresh Adam's moments are kept (GaLore's way), sign-aligned (align), or carried into the new basis (rotate)
-space_from = "projected"  # the shared space grows from the first moment of the gradient after (projected) or before (raw) the space is taken out, or for LoRA A from the layer's inputs (inputs)
-space_sample = 32  # training examples a task is sampled by: the inputs space_from=inputs grows from, and the coverage measured
+refresh_moments = "keep"  # Adam's moments at a projector refresh: keep (GaLore's), align (signs), rotate (new basis)
+space_from = "projected"  # grow the space from the moment after (projected) or before (raw) it, or LoRA A's inputs
+space_sample = 32  # training examples per task that space_from=inputs and the coverage figure read
 galore_rank = 8  # galore's projector rank (GORP's, so the two project alike)
 galore_update_proj_gap = 200  # galore's T, as GaLore's README trains
-galore_scale = 0.25  # galore's alpha, as GaLore's README trains: its effective lr on the matrices is galore_lr * 0.25
-# training. Every method has its own learning rate, each chosen by the same procedure: a sweep on
-# examples held out of the toy suite's training sets (--valid=True, seeds 1337 and 2), never on
-# test sets, the value with the best mean AA; the sweep and its figures are in README.md,
-# "Tuning". The paper's (LoRA 1e-3, full rank 1e-5) are for T5-large.
+galore_scale = 0.25  # galore's alpha, as GaLore's README trains: effective lr on the matrices galore_lr * 0.25
+# training: each method's own learning rate, chosen by one procedure on examples held out of the
+# training sets (--valid=True), never on test sets (results/README.md, "Tuning")
 epochs = 2  # passes over each task's training data
-batch_size = 16
+batch_size = 16  # the global batch: split across processes and micro-batches
+grad_accum = 1  # micro-batches a step's batch is split into, their gradients summed: the same step, less memory
 lr = 3e-4  # gorp's (and mtl's) LoRA adapters
 full_rank_lr = 3e-4  # gorp's projected full-rank weights: the effective lr is full_rank_lr * scale
-seqlora_lr = 1e-4  # seqlora's one adapter (the sweep's lowest value won: lower was not tried)
+seqlora_lr = 1e-4  # seqlora's one adapter
 inclora_lr = 3e-4  # inclora's adapters
 olora_lr = 3e-4  # olora's adapters
-ft_lr = 3e-5  # seqft: AdamW on every weight (the sweep's lowest value won: lower was not tried)
-galore_lr = 1e-4  # galore: one lr for every weight, as GaLore's usage; effective on the matrices: galore_lr * galore_scale (the lowest value tried)
+ft_lr = 3e-5  # seqft: AdamW on every weight
+galore_lr = 1e-4  # galore: one lr for every weight, as GaLore's usage
 weight_decay = 0.0
 grad_clip = 1.0  # clip the gradient norm to this (0: off)
 eval_batch_size = 64
-eval_tasks = "all"  # after each task evaluate all tasks; seen: those trained so far (AA, BWT and forgetting need no more); new: the one just trained, and all at the end (AA and BWT need no more)
+eval_tasks = "all"  # evaluate after each task all tasks, those seen so far (seen), or the new one and all at the end
 # system
 device = "auto"  # auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps
-dtype = "auto"  # auto (bfloat16 autocast on a GPU or CPU with native bfloat16, else float32), float32, bfloat16, float16
+dtype = "auto"  # auto (bfloat16 autocast where the GPU or CPU has it natively, else float32), float32, bfloat16
 seed = 1337
 compile = False  # torch.compile the training forward pass (PyTorch 2, a GPU)
 resume = False  # continue an interrupted run in out_dir from its last finished task
 plot = False  # write out_dir/forgetting.png (needs matplotlib)
-summarize = ""  # comma list of finished --method=all out_dirs (other seeds): print mean and spread per method, train nothing; with plot, draw the first one's runs
+summarize = ""  # comma list of finished out_dirs: mean, spread and paired gaps per method; trains nothing
 log_every = 2.0  # seconds between progress lines
-CONFIG_KEYS = [k for k, v in list(globals().items()) if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+CONFIG_KEYS = [k for k, v in list(globals().items()) if k[0] != "_" and isinstance(v, (int, float, bool, str))]
 # -----------------------------------------------------------------------------
 
 # Each method is a small configuration of the same adapter and optimizer machinery:
@@ -126,7 +128,6 @@ METHODS = {
     "mtl": dict(lora="fresh", full_rank="pattern", joint=True, lr="lr"),
 }
 
-
 # The method's places in each model family: LoRA on the attention, GORP's full-rank weights in
 # the MLP. GPT-2: the fused c_attn and c_fc; the LLaMA family: the paper's own LLaMA-2 setting
 # (LoRA on q_proj and v_proj, full rank on gate_proj). galore trains every block matrix.
@@ -135,6 +136,10 @@ FAMILY_PATTERNS = {
     "llama": dict(lora=r"self_attn\.(q_proj|v_proj)$", full_rank=r"mlp\.gate_proj\.weight$",
                   galore=r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$"),
 }
+CHOICES = dict(refresh_moments=("keep", "align", "rotate"), space_from=("projected", "raw", "inputs"),
+               eval_tasks=("all", "seen", "new"), dtype=("auto", "float32", "bfloat16", "float16"))
+AT_LEAST_1 = ("rank", "lora_r", "update_proj_gap", "galore_rank", "galore_update_proj_gap", "batch_size", "grad_accum",
+              "eval_batch_size", "epochs", "max_len", "n_layer", "n_head", "n_embd", "block_size", "pretrain_vocab")
 
 
 class ConfigError(ValueError):
@@ -144,90 +149,63 @@ class ConfigError(ValueError):
 def config_help():
     """Every key with its default and its comment, read from this file's config block."""
     lines = []
-    with open(__file__) as f:
-        for line in f:
-            m = re.match(r"^(\w+) = (.+?)(?:  # (.*))?$", line.rstrip())
-            if m and m.group(1) in CONFIG_KEYS:
-                lines.append(f"  --{m.group(1)}={m.group(2)}" + (f"    {m.group(3)}" if m.group(3) else ""))
+    for line in open(__file__):
+        m = re.match(r"^(\w+) = (.+?)(?:  # (.*))?$", line.rstrip())
+        if m and m.group(1) in CONFIG_KEYS:
+            lines.append(f"  --{m.group(1)}={m.group(2)}" + (f"    {m.group(3)}" if m.group(3) else ""))
     return "usage: python train_cl.py [config.py] [--key=value ...]\n" + "\n".join(lines)
 
 
 def parse_config(argv):
-    """nanoGPT's configurator, with errors instead of surprises: a config file of plain Python
-    assignments, then --key=value; an unknown key or a value of the wrong type is an error."""
-    config = {k: globals()[k] for k in CONFIG_KEYS}
-
-    def assign(key, value):
-        if key not in config:
-            raise ConfigError(f"unknown config key {key!r} (python train_cl.py --help lists them)")
-        want = type(config[key])
-        if want is float and type(value) is int:
-            value = float(value)
-        if type(value) is not want:
-            raise ConfigError(f"--{key} wants a {want.__name__}, got {value!r}")
-        config[key] = value
-
+    """nanoGPT's configurator, with errors instead of surprises: config files of plain Python
+    assignments and --key=value, in the order given; an unknown key or a wrong type is an error."""
+    config, pairs = {k: globals()[k] for k in CONFIG_KEYS}, []
     for arg in argv:
-        if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file {arg} does not exist")
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                raise ConfigError(f"expected --key=value, got {arg}")
+            try:
+                value = text if isinstance(config.get(key), str) else ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word: the type check below names it
+            pairs.append((key, value))
+        elif not os.path.isfile(arg):
+            raise ConfigError(f"config file {arg} does not exist")
+        else:
             scope = {}
             try:
                 exec(open(arg).read(), {}, scope)
             except Exception as e:
                 raise ConfigError(f"config file {arg} does not run: {e}") from None
-            for key, value in scope.items():
-                if not key.startswith("_"):
-                    assign(key, value)
-            continue
-        key, eq, text = arg[2:].partition("=")
-        if not eq:
-            raise ConfigError(f"expected --key=value, got {arg}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text  # a bare string
-        if isinstance(config.get(key), str):
-            value = text
-        assign(key, value)
-    check_config(config)
+            pairs += [(k, v) for k, v in scope.items() if not k.startswith("_")]
+    for key, value in pairs:
+        if key not in config:
+            raise ConfigError(f"unknown config key {key!r} (python train_cl.py --help lists them)")
+        want = type(config[key])
+        value = float(value) if want is float and type(value) is int else value
+        if type(value) is not want:
+            raise ConfigError(f"--{key} wants a {want.__name__}, got {value!r}")
+        config[key] = value
+    if config["method"] not in (*METHODS, "all"):
+        raise ConfigError(f"unknown method {config['method']!r}: choose one of {', '.join(METHODS)}, all")
+    if config["order"] and config["order"] not in benchmark.ORDERS:
+        raise ConfigError(f"unknown order {config['order']}: orders are 1 to {len(benchmark.ORDERS)}")
+    for key in AT_LEAST_1:
+        if config[key] < 1:
+            raise ConfigError(f"--{key} must be at least 1, got {config[key]}")
+    for key, allowed in CHOICES.items():
+        if config[key] not in allowed:
+            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {config[key]!r}")
+    if config["init_from"] == "auto":  # the small GPT made here for the toy suite, a real model for a real benchmark
+        config["init_from"] = "pretrain" if config["data_dir"] == "toy" else "smollm2"
+    if not 0 < config["space_threshold"] <= 1:
+        raise ConfigError(f"--space_threshold must be in (0, 1], got {config['space_threshold']}")
     return config
-
-
-def check_config(c):
-    if c["init_from"] == "auto":
-        c["init_from"] = "pretrain" if c["data_dir"] == "toy" else "smollm2"
-    if c["method"] not in METHODS and c["method"] != "all":
-        raise ConfigError(f"unknown method {c['method']!r}: choose one of {', '.join(METHODS)}, all")
-    if c["order"] and c["order"] not in benchmark.ORDERS:
-        raise ConfigError(f"unknown order {c['order']}: orders are 1 to {len(benchmark.ORDERS)}")
-    for key in ("rank", "lora_r", "update_proj_gap", "galore_rank", "galore_update_proj_gap", "batch_size", "eval_batch_size", "epochs", "max_len",
-                "n_layer", "n_head", "n_embd", "block_size", "pretrain_vocab"):
-        if c[key] < 1:
-            raise ConfigError(f"--{key} must be at least 1, got {c[key]}")
-    if c["init_from"] in ("scratch", "pretrain") and c["max_len"] > c["block_size"]:
-        raise ConfigError(f"--max_len {c['max_len']} is longer than --block_size {c['block_size']}")
-    for key, allowed in (("refresh_moments", ("keep", "align", "rotate")), ("space_from", ("projected", "raw", "inputs")),
-                         ("eval_tasks", ("all", "seen", "new")), ("dtype", ("auto", "float32", "bfloat16", "float16"))):
-        if c[key] not in allowed:
-            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {c[key]!r}")
-    if not 0 < c["space_threshold"] <= 1:
-        raise ConfigError(f"--space_threshold must be in (0, 1], got {c['space_threshold']}")
 
 
 # -----------------------------------------------------------------------------
 # the data
-
-
-def tokenizer(init_from="pretrain"):
-    """The base model's own tokenizer (gorp.load_tokenizer) and its end token; the small GPTs made
-    here, and this project's checkpoints of them, read GPT-2's."""
-    source = "gpt2" if init_from in ("scratch", "pretrain") or init_from.endswith(".pt") else init_from
-    try:
-        enc = gorp.load_tokenizer(source)
-    except (FileNotFoundError, ValueError, KeyError, ImportError) as e:
-        raise ConfigError(f"init_from {source}: {e}") from None
-    return enc, enc.end_token
 
 
 def task_list(c):
@@ -242,26 +220,10 @@ def task_list(c):
     return [(t, found[t]) for t in names]
 
 
-def load_tasks(c, enc, eot, log=print):
-    """Per task: its labels and its train and test examples as (prompt ids, answer ids). With
-    valid, the test examples are held out of train.json instead, so tuning never sees test.json."""
-    out = []
-    for task, group in task_list(c):
-        if c["valid"]:
-            records, labels = benchmark.load_split(c["data_dir"], group, task, "train", log=log)
-            records = random.Random(c["seed"]).sample(records, len(records))
-            held = c["max_test"] or len(records) // 5
-            if held >= len(records):
-                raise benchmark.DataError(f"task {task} has {len(records)} training examples: too few to hold out {held}")
-            splits = dict(train=records[held:][: c["max_train"] or None], test=records[:held])
-        else:
-            splits = {}
-            for split, cap in (("train", c["max_train"]), ("test", c["max_test"])):
-                splits[split], labels = benchmark.load_split(c["data_dir"], group, task, split, cap, c["seed"], log)
-        data = {split: [benchmark.encode_example(enc, group, task, labels, r, c["max_len"], eot) for r in records]
-                for split, records in splits.items()}
-        out.append(dict(name=task, group=group, labels=labels, **data))
-    return out
+def load_tasks(c, enc, log=print):
+    """Per task in training order: its labels and encoded train and test examples (data/benchmark.py)."""
+    return [benchmark.load_task(c["data_dir"], group, task, enc, c["max_train"], c["max_test"], c["max_len"],
+                                c["seed"], c["valid"], log) for task, group in task_list(c)]
 
 
 def collate(examples, device):
@@ -273,9 +235,9 @@ def collate(examples, device):
         seq = prompt + answer
         idx[b, : len(seq) - 1] = torch.tensor(seq[:-1])
         targets[b, len(prompt) - 1: len(seq) - 1] = torch.tensor(answer)
-    pin = device.type == "cuda"
-    return (idx.pin_memory() if pin else idx).to(device, non_blocking=pin), \
-        (targets.pin_memory() if pin else targets).to(device, non_blocking=pin)
+    if device.type == "cuda":  # pinned, so the copy need not block the host
+        idx, targets = idx.pin_memory(), targets.pin_memory()
+    return idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
 # -----------------------------------------------------------------------------
@@ -288,27 +250,28 @@ def pick_device(c):
         name = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per process
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} is not available: torch sees no CUDA GPU")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device mps is not available")
     if name != "cpu" and not name.startswith(("cuda", "mps")):
         raise ConfigError(f"unknown device {name!r}: auto, cpu, cuda, cuda:N or mps")
+    available = torch.cuda.is_available() if name.startswith("cuda") else torch.backends.mps.is_available()
+    if name != "cpu" and not available:
+        raise ConfigError(f"device {name} is not available here")
     return torch.device(name)
 
 
 def set_precision(c, width):
     """Choose the autocast dtype for a model `width` wide; returns the choice in words. auto:
-    bfloat16 on a GPU that has it, and on a CPU that multiplies it natively when the model is 512
-    or more wide: narrower, casts eat the faster matmuls (the toy's 128-wide GPT gains 1.1x,
-    SmolLM2 2.1x; bench.py), and bfloat16's rounding would move the toy's chaotic results.
-    Weights and optimizer state stay float32."""
+    bfloat16 on a GPU that has it, and on a CPU that multiplies it natively (AVX512_BF16, AMX, ARM's
+    BF16; read from its flags, so one machine always chooses alike) when the model is 512 or more
+    wide: narrower, casts eat the faster matmuls (the toy's GPT gains 1.1x, SmolLM2 2.1x; bench.py),
+    and bfloat16's rounding would move the toy's chaotic results. Weights and optimizer state stay
+    float32. Where bfloat16 is emulated it is far slower, so auto keeps float32 there."""
     device, dtype, why = c["_device"], c["dtype"], ""
     if dtype == "auto":
         if device.type == "cuda":
             fast, why = torch.cuda.is_bf16_supported(), "this GPU has bfloat16"
         else:
-            fast = device.type == "cpu" and cpu_has_native_bf16() and width >= 512
+            flags = open("/proc/cpuinfo").read() if os.path.isfile("/proc/cpuinfo") else ""
+            fast = device.type == "cpu" and width >= 512 and bool(re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", flags))
             why = f"this CPU has native bfloat16, the model is {width} wide" if fast else ""
         dtype = "bfloat16" if fast else "float32"
     c["_dtype"] = dtype  # recorded in results.json: auto resolves differently on another machine
@@ -317,26 +280,18 @@ def set_precision(c, width):
     return f"{dtype} autocast (auto: {why})" if why else f"{dtype} autocast" if dtype != "float32" else "float32"
 
 
-def cpu_has_native_bf16():
-    """True where the CPU multiplies bfloat16 in hardware (x86's AVX512_BF16 or AMX, ARM's BF16
-    extension): there a bfloat16 matmul runs several times faster than a float32 one (bench.py
-    measures it); elsewhere it is emulated, and slower. Read from the CPU's flags, not timed, so
-    the same machine makes the same choice every run."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return bool(re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", f.read()))
-    except OSError:
-        return False
-
-
-def base_model(c, enc, eot, log):
-    """The model every method starts from, weights in float32 (autocast does the rest)."""
+def load_base(c):
+    """The one place init_from is read: the model every method starts from, in float32 (autocast
+    does the rest), and its tokenizer. A GPT made here, or this project's checkpoint of one, reads
+    GPT-2's tokenizer; a pretrained model its own. init_from=pretrain is pretrained later, by
+    toy.pretrain_base, once the data are known to be good."""
     init = c["init_from"]
     if init in ("scratch", "pretrain"):
-        config = gorp.GPTConfig(block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"])
+        if c["max_len"] > c["block_size"]:
+            raise ConfigError(f"--max_len {c['max_len']} is longer than --block_size {c['block_size']}")
         torch.manual_seed(c["seed"])
-        model = gorp.GPT(config)
-        return pretrained_base(c, model, enc, eot, log) if init == "pretrain" else model
+        config = gorp.GPTConfig(**{k: c[k] for k in ("block_size", "n_layer", "n_head", "n_embd")})
+        return gorp.GPT(config), gorp.load_tokenizer("gpt2")
     if init.endswith(".pt"):
         if not os.path.isfile(init):
             raise ConfigError(f"init_from {init} does not exist")
@@ -345,91 +300,36 @@ def base_model(c, enc, eot, log):
             model = gorp.GPT(gorp.GPTConfig(**ckpt["model_args"]))
             model.load_state_dict(ckpt["model"])
         except Exception as e:
-            raise ConfigError(f"init_from {init} is not a checkpoint of this project ({str(e).splitlines()[0]})") from None
-        return model
+            raise ConfigError(f"init_from {init} is not a checkpoint of this project ({str(e).splitlines()[0]})") \
+                from None
+        if model.config.family != "gpt2":  # GPT-2's tokenizer would give it wrong ids, silently
+            raise ConfigError(f"init_from {init} holds a {model.config.family} model: start from the model itself "
+                              "(its folder or .gguf), whose tokenizer it needs")
+        return model, gorp.load_tokenizer("gpt2")
     try:
-        return gorp.GPT.from_pretrained(init)
+        return gorp.GPT.from_pretrained(init), gorp.load_tokenizer(init)
     except (FileNotFoundError, KeyError, ValueError, ImportError) as e:
         raise ConfigError(f"init_from {init}: {str(e).strip(chr(34))}") from None
-
-
-def pretrained_base(c, model, enc, eot, log):
-    """Pretrain the small GPT as a language model on the toy suite's unlabeled text (its
-    pretrain.json), once; the result is cached in out_dir and reused."""
-    docs = benchmark.pretraining_text(c["data_dir"], enc, eot, c["block_size"])
-    key = dict(model=vars(model.config), iters=c["pretrain_iters"], lr=c["pretrain_lr"], seed=c["seed"],
-               batch=c["pretrain_batch_size"], vocab=c["pretrain_vocab"],
-               n=len(docs), first=docs[0][:32], last=docs[-1][:32])
-    path = os.path.join(c["out_dir"], f"base-{hash_of(key) % 10 ** 10}.pt")  # named by what made it
-    if os.path.isfile(path):
-        try:
-            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
-        except Exception as e:
-            raise ConfigError(f"cached base model {path} is unreadable ({str(e).splitlines()[0]}): delete it") from None
-        log(f"base model: {path} (cached)")
-        return model
-    counts = collections.Counter(t for d in docs for t in d)
-    # a 50257-way softmax is most of the small model's cost, so the loss predicts the text's
-    # commonest tokens alone (rare ones are still read as inputs). The others keep their random
-    # logits; the toy's wrong answers are nonetheless its own words (README.md, "The toy suite")
-    vocab = torch.tensor(sorted(t for t, _ in counts.most_common(c["pretrain_vocab"])))
-    index = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
-    index[vocab] = torch.arange(len(vocab))
-    device = c["_device"]
-    model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=c["pretrain_lr"], weight_decay=0.0, betas=(0.9, 0.95))
-    rng, t0 = random.Random(c["seed"]), time.time()
-    log(f"pretraining a base model on {len(docs)} texts (predicting {len(vocab)} of their {len(counts)} distinct tokens), "
-        f"{c['pretrain_iters']} steps; cached at {path}")
-    for step in range(c["pretrain_iters"]):
-        batch = rng.sample(docs, min(c["pretrain_batch_size"], len(docs)))
-        T = min(max(map(len, batch)), c["block_size"])
-        idx = torch.full((len(batch), T), eot)
-        targets = torch.full((len(batch), T), -1)
-        for b, d in enumerate(batch):
-            d = [eot] + d[: T]
-            idx[b, : len(d) - 1], targets[b, : len(d) - 1] = torch.tensor(d[:-1]), index[torch.tensor(d[1:])]
-        lr_now = c["pretrain_lr"] * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / c["pretrain_iters"]))
-        for g in opt.param_groups:
-            g["lr"] = lr_now
-        with c["_autocast"]():
-            loss = model(idx.to(device), targets.to(device), vocab=vocab.to(device))[1]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0 or step == c["pretrain_iters"] - 1:
-            log(f"  pretrain step {step}/{c['pretrain_iters']} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
-    model.cpu()
-    if c["_rank"] == 0:  # every process pretrained the same model from the same seed
-        save_atomic(dict(model=model.state_dict(), model_args=vars(model.config)), path)
-    return model
 
 
 def provenance(c, model):
     """What a results.json was made from: the weights' file and a digest of it, the types they were
     stored in, the precision run, and the code's git commit (dirty: tracked files had changed)."""
-    source = getattr(model, "source", None)
-    digest = None
+    source, digest = getattr(model, "source", None), None
     if source:
-        path = source["path"]
-        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".bin"))) \
-            if os.path.isdir(path) else [path]
-        h = hashlib.sha256()
+        path, h = source["path"], hashlib.sha256()
+        files = [path] if not os.path.isdir(path) else \
+            sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
         for f in files:
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 24), b""):
                     h.update(block)
         digest = h.hexdigest()
-    here = os.path.dirname(os.path.abspath(__file__))
-    git = lambda *a: subprocess.run(["git", "-C", here, *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    git = lambda *a: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *a],  # noqa: E731
+                                    capture_output=True, text=True).stdout.strip()
     return dict(weights=source["path"] if source else c["init_from"], sha256=digest,
-                stored=source["stored"] if source else "float32", precision=c["_dtype"],
-                commit=git("rev-parse", "HEAD") or None, dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
-
-
-def hash_of(obj):
-    return int(hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:12], 16)
+                stored=source["stored"] if source else "float32", precision=c["_dtype"], commit=git("rev-parse", "HEAD")
+                or None, dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
 
 
 def prepare_model(c, spec, base_state, model_args):
@@ -447,73 +347,19 @@ def pattern(c, kind, model):
 
 
 def make_optimizer(c, spec, model):
-    lr = c[spec["lr"]]  # the method's own learning rate
-    full_rank, projector = spec.get("full_rank"), dict(full_rank_lr=c["full_rank_lr"], rank=c["rank"],
-                                                       update_proj_gap=c["update_proj_gap"], scale=c["scale"])
+    lr, full_rank = c[spec["lr"]], spec.get("full_rank")  # the method's own learning rate
+    projector = dict(full_rank_lr=c["full_rank_lr"], **{k: c[k] for k in ("rank", "update_proj_gap", "scale")})
     if full_rank == "pattern":  # GORP's L, which the full_rank switch turns off
         full_rank = pattern(c, "full_rank", model) if c["full_rank"] or spec.get("joint") else None
     elif full_rank == "galore":  # GaLore's own usage: one lr for every weight, its own rank, gap and scale
-        full_rank, projector = pattern(c, "galore", model), dict(full_rank_lr=lr, rank=c["galore_rank"], scale=c["galore_scale"],
-                                                                 update_proj_gap=c["galore_update_proj_gap"])
+        full_rank = pattern(c, "galore", model)
+        projector = dict(full_rank_lr=lr, rank=c["galore_rank"], scale=c["galore_scale"],
+                         update_proj_gap=c["galore_update_proj_gap"])
     groups = gorp.param_groups(model, lr=lr, rest_lr=lr, full_rank=full_rank, **projector,
                                shared_space=spec.get("shared", False) and c["shared_space"],
                                train_rest=spec.get("rest", False), exact_svd=c["exact_svd"],
                                refresh_moments=c["refresh_moments"], space_from=c["space_from"])
     return gorp.GORP(groups, lr=lr, betas=(0.9, 0.999), weight_decay=c["weight_decay"])
-
-
-def sample_batches(c, examples):
-    """A fixed sample of a task's training examples, batched as gorp.input_grams reads them."""
-    sample = examples[: c["space_sample"]]
-    for i in range(0, len(sample), c["batch_size"]):
-        chunk = sample[i: i + c["batch_size"]]
-        idx, _ = collate(chunk, c["_device"])
-        lengths = torch.tensor([len(p) + len(a) - 1 for p, a in chunk], device=idx.device)
-        yield idx, torch.arange(idx.size(1), device=idx.device)[None] < lengths[:, None]  # (B, T)
-
-
-def kind_of(name):
-    """A parameter's name without its layer: model.layers.3.mlp.gate_proj.weight -> mlp.gate_proj.weight."""
-    return re.sub(r"^.*?\.\d+\.", "", name)
-
-
-def by_kind(values):
-    """{name: value} -> {kind: [mean, max]} over the layers."""
-    kinds = collections.defaultdict(list)
-    for name, v in values.items():
-        kinds[kind_of(name)].append(v)
-    return {k: [sum(vs) / len(vs), max(vs)] for k, vs in kinds.items()}
-
-
-@torch.no_grad()
-def movement(model, opt, start):
-    """How far a task moved each trained group: |W - W_start| / |W_start| for the projected
-    full-rank weights, |scaling B A| / |W| for each adapter (before it is merged)."""
-    named = dict(model.named_parameters())
-    moved = {n: float((named[n] - w).norm() / w.norm()) for n, w in start.items()}
-    for n, m in gorp.lora_modules(model):
-        moved[n + ".BA"] = float(m.scaling * (m.lora_B.float() @ m.lora_A.float()).norm() / m.weight.float().norm())
-    return by_kind(moved)
-
-
-def space_report(c, model, opt, seen):
-    """The shared spaces' sizes, and the share of the tasks seen so far's layer-input energy that
-    lies inside each LoRA A's space (a fixed sample of their training examples, through the model now)."""
-    name_of = {p: n for n, p in model.named_parameters()}
-    spaces = {name_of[p]: S for p, S in opt.shared_spaces().items()}
-    model.eval()
-    grams = gorp.input_grams(model, (b for t in seen for b in sample_batches(c, t)))
-    model.train()
-    names = {m: n + ".lora_A" for n, m in gorp.lora_modules(model)}
-    cover = {names[m]: gorp.coverage(spaces[names[m]], G) for m, G in grams.items() if names[m] in spaces}
-    return by_kind({n: S.size(1) for n, S in spaces.items()}), by_kind(cover)
-
-
-def count_params(model, opt):
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
-    projected = sum(p.numel() for g in opt.param_groups if g["rank"] for p in g["params"])
-    return total, trainable, projected
 
 
 # -----------------------------------------------------------------------------
@@ -526,18 +372,17 @@ class NonFinite(RuntimeError):
 
 def train_task(c, model, opt, examples, spec, task_name, log):
     """One task: epochs over its examples in seeded random order. Returns (tokens, seconds).
-    Under torchrun each process takes every world-th example of the global batch, and the loss
-    is weighted so that DDP's mean of gradients is the gradient of the global batch's mean loss."""
+    Each step's global batch is split across torchrun's processes (every world-th example) and into
+    grad_accum micro-batches; each micro-batch's mean loss is weighted by its share of the global
+    batch's answer tokens (times world, since DDP averages), so the summed gradient is the global
+    batch's mean loss's, however it is split."""
     model.train()
-    rank, world = c["_rank"], c["_world"]
-    forward = model
-    if c["compile"]:
-        forward = torch.compile(forward)
+    rank, world, accum = c["_rank"], c["_world"], c["grad_accum"]
+    forward = torch.compile(model) if c["compile"] else model
     if world > 1:
         forward = DDP(forward, device_ids=[c["_device"].index] if c["_device"].type == "cuda" else None)
     rng = random.Random(f"{c['seed']}-{task_name}")
-    steps_per_epoch = math.ceil(len(examples) / c["batch_size"])
-    total = steps_per_epoch * c["epochs"]
+    total = math.ceil(len(examples) / c["batch_size"]) * c["epochs"]
     params = [p for g in opt.param_groups for p in g["params"]]
     finite = torch.ones((), dtype=torch.bool, device=c["_device"])
     tokens, t0, last_log, step = 0, time.time(), time.time(), 0
@@ -548,21 +393,23 @@ def train_task(c, model, opt, examples, spec, task_name, log):
             batch = [examples[j] for j in order[i: i + c["batch_size"]]]
             if len(batch) < world:
                 continue  # a last batch too small to give every process an example
-            idx, targets = collate(batch[rank::world], c["_device"])
-            with c["_autocast"]():
-                logits, loss = forward(idx, targets)
-            answer_tokens = sum(len(a) for _, a in batch)
-            local = loss * (sum(len(a) for _, a in batch[rank::world]) * world / answer_tokens)  # world 1: loss
-            penalty = gorp.olora_penalty(model) if spec.get("olora") else None
-            objective = local  # O-LoRA's penalties are the same on every process: not weighted
-            if penalty is not None:  # none in the first task, which has no finished adapter to be orthogonal to
-                objective = objective + c["olora_lambda1"] * penalty
-            if spec.get("olora") and c["olora_lambda2"]:  # the L2 term acts from the first task on
-                objective = objective + c["olora_lambda2"] * gorp.olora_l2(model)
+            local, answer_tokens = batch[rank::world], sum(len(a) for _, a in batch)
+            micro = [local[k::accum] for k in range(accum) if local[k::accum]]
             opt.zero_grad(set_to_none=True)
-            objective.backward()
+            for k, part in enumerate(micro):
+                idx, targets = collate(part, c["_device"])
+                with c["_autocast"](), forward.no_sync() if world > 1 and k < len(micro) - 1 else nullcontext():
+                    loss = forward(idx, targets)[1]
+                    objective = loss * (sum(len(a) for _, a in part) * world / answer_tokens)  # alone: the loss
+                    penalty = gorp.olora_penalty(model) if spec.get("olora") and k == 0 else None  # once a step
+                    if penalty is not None:  # none in the first task, which has no finished adapter yet
+                        objective = objective + c["olora_lambda1"] * penalty
+                    if spec.get("olora") and k == 0 and c["olora_lambda2"]:  # the L2 term acts from the first task
+                        objective = objective + c["olora_lambda2"] * gorp.olora_l2(model)
+                    objective.backward()
+                finite &= torch.isfinite(objective.detach())  # no host sync here
             norm = torch.nn.utils.clip_grad_norm_(params, c["grad_clip"] or float("inf"))
-            finite &= torch.isfinite(norm) & torch.isfinite(objective.detach())  # no host sync here
+            finite &= torch.isfinite(norm)
             opt.step()
             step += 1
             tokens += sum(len(p) + len(a) - 1 for p, a in batch)
@@ -578,7 +425,7 @@ def train_task(c, model, opt, examples, spec, task_name, log):
 
 
 @torch.no_grad()
-def evaluate(c, model, task, enc, eot):
+def evaluate(c, model, task, enc):
     """Accuracy in percent: greedy generation, exact match after normalisation (method.md §6);
     and the percent of answers that are none of the task's labels (another task's words, say),
     which tells forgetting what to answer from answering the wrong option."""
@@ -591,7 +438,7 @@ def evaluate(c, model, task, enc, eot):
     for i in range(0, len(examples), c["eval_batch_size"]):
         chunk = examples[i: i + c["eval_batch_size"]]
         with c["_autocast"]():
-            outs = model.generate([p for p, _ in chunk], max_new, stop_token=eot)
+            outs = model.generate([p for p, _ in chunk], max_new, stop_token=enc.end_token)
         for out, (_, answer) in zip(outs, chunk):
             said = benchmark.normalize(enc.decode(out))
             counts[0] += said == benchmark.normalize(enc.decode(answer[:-1]))
@@ -622,12 +469,12 @@ def metrics(acc):
     bwt = sum(last[j] - acc[j][j] for j in range(n - 1)) / (n - 1)
     if any(acc[i][j] is None for j in range(n - 1) for i in range(j, n - 1)):
         return aa, bwt, None
-    forgetting = sum(max(acc[i][j] for i in range(n - 1) if acc[i][j] is not None) - last[j] for j in range(n - 1)) / (n - 1)
-    return aa, bwt, forgetting
+    forgetting = sum(max(acc[i][j] for i in range(n - 1) if acc[i][j] is not None) - last[j] for j in range(n - 1))
+    return aa, bwt, forgetting / (n - 1)
 
 
-def fmt(x, spec="6.1f"):
-    return "     -" if x is None else format(x, spec)
+def fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
 
 
 def matrix_table(acc, names):
@@ -635,26 +482,74 @@ def matrix_table(acc, names):
     lines = ["after task".ljust(14) + "".join(n[: width - 1].rjust(width) for n in names)]
     for i, row in enumerate(acc):
         label = f"{i + 1} {names[i] if len(acc) == len(names) else 'all tasks'}"[:13]
-        lines.append(label.ljust(14) + "".join(f"{'-':>{width}}" if a is None else f"{a:{width}.1f}" for a in row))
+        lines.append(label.ljust(14) + "".join(f"{fmt(a):>{width}}" for a in row))
     aa, bwt, forgetting = metrics(acc)
-    lines.append(f"AA {aa:.1f}   BWT {fmt(bwt, '.1f').strip()}   forgetting {fmt(forgetting, '.1f').strip()}")
-    return "\n".join(lines)
+    return "\n".join(lines + [f"AA {aa:.1f}   BWT {fmt(bwt)}   forgetting {fmt(forgetting)}"])
+
+
+# What the two mechanisms did: how far each trained group moved, and how much the shared space holds
+
+
+def sample_batches(c, examples):
+    """A fixed sample of a task's training examples, batched as gorp.input_grams reads them."""
+    sample = examples[: c["space_sample"]]
+    for i in range(0, len(sample), c["batch_size"]):
+        chunk = sample[i: i + c["batch_size"]]
+        idx, _ = collate(chunk, c["_device"])
+        lengths = torch.tensor([len(p) + len(a) - 1 for p, a in chunk], device=idx.device)
+        yield idx, torch.arange(idx.size(1), device=idx.device)[None] < lengths[:, None]  # (B, T)
+
+
+def by_kind(values):
+    """{name: value} -> {kind: [mean, max]} over the layers, a kind being a name without its layer
+    (model.layers.3.mlp.gate_proj.weight -> mlp.gate_proj.weight)."""
+    kinds = collections.defaultdict(list)
+    for name, v in values.items():
+        kinds[re.sub(r"^.*?\.\d+\.", "", name)].append(v)
+    return {k: [sum(vs) / len(vs), max(vs)] for k, vs in kinds.items()}
+
+
+@torch.no_grad()
+def movement(model, start):
+    """How far a task moved each trained group: |W - W_start| / |W_start| for the projected
+    full-rank weights, |scaling B A| / |W| for each adapter (before it is merged)."""
+    named = dict(model.named_parameters())
+    moved = {n: float((named[n] - w).norm() / w.norm()) for n, w in start.items()}
+    for n, m in gorp.lora_modules(model):
+        moved[n + ".BA"] = float(m.scaling * (m.lora_B.float() @ m.lora_A.float()).norm() / m.weight.float().norm())
+    return by_kind(moved)
+
+
+def grow_spaces(c, model, opt, examples, seen):
+    """End of a task: grow the shared spaces (from the layers' inputs with space_from=inputs, GPM's
+    representation), and report their sizes and the share of the seen tasks' layer-input energy
+    that lies inside each LoRA A's space (a fixed sample of their training examples, through the
+    model now)."""
+    model.eval()
+    inputs = None
+    if c["space_from"] == "inputs":
+        grams = gorp.input_grams(model, sample_batches(c, examples))
+        inputs = {m.lora_A: gorp.gram_columns(G) for m, G in grams.items()}
+    opt.grow_shared_space(c["space_threshold"], inputs)
+    name_of = {p: n for n, p in model.named_parameters()}
+    spaces = {name_of[p]: S for p, S in opt.shared_spaces().items()}
+    grams = gorp.input_grams(model, (b for t in seen for b in sample_batches(c, t)))
+    model.train()
+    names = {m: n + ".lora_A" for n, m in gorp.lora_modules(model)}
+    cover = {names[m]: gorp.coverage(spaces[names[m]], G) for m, G in grams.items() if names[m] in spaces}
+    return {n: S.cpu() for n, S in spaces.items()}, by_kind({n: S.size(1) for n, S in spaces.items()}), by_kind(cover)
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: written whole or not at all
+# checkpoints, written whole or not at all, and results
 
 
-def save_atomic(obj, path):
+def save_atomic(path, write):
+    """write(tmp) to a temporary name, then rename it over path: a reader sees the old file or the new one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never half
-
-
-def save_checkpoint(c, run_dir, model, spaces, acc, stats, done):
-    save_atomic(dict(model=model.state_dict(), spaces=spaces, acc=acc, stats=stats, done=done,
-                     method=c["method"], tasks=c["_task_names"], config=public(c)), os.path.join(run_dir, "ckpt.pt"))
+    write(tmp)
+    os.replace(tmp, path)
 
 
 def load_checkpoint(c, run_dir):
@@ -680,11 +575,9 @@ def public(c):
 # one method over the whole sequence
 
 
-def run_method(c, tasks, base_state, model_args, enc, eot, log):
-    spec = METHODS[c["method"]]
-    run_dir = c["_run_dir"]
-    os.makedirs(run_dir, exist_ok=True)
-    names = [t["name"] for t in tasks]
+def run_method(c, tasks, base_state, model_args, enc, log):
+    spec, run_dir, names = METHODS[c["method"]], c["_run_dir"], [t["name"] for t in tasks]
+    os.makedirs(run_dir, exist_ok=True)  # so a run killed in its first task can be resumed
     torch.manual_seed(c["seed"])
     model = prepare_model(c, spec, base_state, model_args)
     stages = [("all", [e for t in tasks for e in t["train"]])] if spec.get("joint") else \
@@ -708,67 +601,109 @@ def run_method(c, tasks, base_state, model_args, enc, eot, log):
         opt.load_shared_spaces({named[n]: S for n, S in spaces.items()})
         if c["fresh_A_off_space"]:
             opt.start_adapters_off_spaces()
-        total, trainable, projected = count_params(model, opt)
+        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
+        projected = sum(p.numel() for g in opt.param_groups if g["rank"] for p in g["params"])
         log(f"task {i + 1}/{len(stages)} {stage}: {len(examples)} examples | params {total:,} total, "
             f"{trainable:,} trained, {projected:,} of them projected")
-        start_weights = {n: p.detach().clone() for n, p in named.items() if any(p is q for g in opt.param_groups
-                                                                               if g["rank"] for q in g["params"])}
+        start_weights = {n: p.detach().clone() for g in opt.param_groups if g["rank"]
+                         for n, p in named.items() if any(p is q for q in g["params"])}
         tokens, seconds = train_task(c, model, opt, examples, spec, stage, log)
-        state_bytes = opt.state_bytes()
-        moved, space, cover = movement(model, opt, start_weights), {}, {}
-        log("  moved (|change| / |weight|, mean and max over layers): "
+        state_bytes, moved, space, cover = opt.state_bytes(), movement(model, start_weights), {}, {}
+        log(f"  optimizer state {state_bytes / 2 ** 20:.2f} MB | moved (|change| / |weight|, layers' mean and max): "
             + ", ".join(f"{k} {v[0]:.1e} ({v[1]:.1e})" for k, v in moved.items()))
         if spec.get("shared") and c["shared_space"]:
-            inputs = None
-            if c["space_from"] == "inputs":  # GPM's own representation: what the task fed each adapted layer
-                model.eval()
-                grams = gorp.input_grams(model, sample_batches(c, examples))
-                model.train()
-                inputs = {m.lora_A: gorp.gram_columns(G) for m, G in grams.items()}
-            opt.grow_shared_space(c["space_threshold"], inputs)
-            name_of = {p: n for n, p in named.items()}
-            spaces = {name_of[p]: S.cpu() for p, S in opt.shared_spaces().items()}  # by name, for the checkpoint
-            space, cover = space_report(c, model, opt, [t["train"] for t in tasks[: i + 1]] if not spec.get("joint")
-                                        else [examples])
+            seen = [examples] if spec.get("joint") else [t["train"] for t in tasks[: i + 1]]
+            spaces, space, cover = grow_spaces(c, model, opt, examples, seen)
             log("  shared space (directions, mean and max over layers): "
                 + ", ".join(f"{k} {v[0]:.1f} ({v[1]})" for k, v in space.items())
-                + " | inputs of the tasks so far it covers: " + ", ".join(f"{k} {v[0]:.1%}" for k, v in cover.items()))
+                + " | seen tasks' input energy inside: " + ", ".join(f"{k} {v[0]:.1%}" for k, v in cover.items()))
         if spec["lora"] == "fresh":
             gorp.end_task(model)
         t_eval = time.time()
-        scores = [evaluate(c, model, t, enc, eot) if evaluated(c, spec, i, j, len(stages)) else (None, None)
+        scores = [evaluate(c, model, t, enc) if evaluated(c, spec, i, j, len(stages)) else (None, None)
                   for j, t in enumerate(tasks)]  # None: left unevaluated
-        row = [right for right, _ in scores]
-        acc.append(row)
+        acc.append([right for right, _ in scores])
         stats.append(dict(task=stage, train_seconds=round(seconds, 2), eval_seconds=round(time.time() - t_eval, 2),
                           tokens_per_second=round(tokens / max(seconds, 1e-9)), trainable_params=trainable,
                           projected_params=projected, optimizer_state_bytes=state_bytes,
                           off_label=[off for _, off in scores], moved=moved, space=space, coverage=cover))
-        log(f"after {stage}: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, row) if a is not None))
+        log(f"after {stage}: " + "  ".join(f"{n} {a:.1f}" for n, a in zip(names, acc[-1]) if a is not None))
         if c["_rank"] == 0:
-            save_checkpoint(c, run_dir, model, spaces, acc, stats, i + 1)
+            ckpt = dict(model=model.state_dict(), spaces=spaces, acc=acc, stats=stats, done=i + 1,
+                        method=c["method"], tasks=names, config=public(c))
+            save_atomic(os.path.join(run_dir, "ckpt.pt"), lambda tmp: torch.save(ckpt, tmp))
     aa, bwt, forgetting = metrics(acc)
-    results = dict(method=c["method"], tasks=names, acc=acc, AA=aa, BWT=bwt, forgetting=forgetting,
-                   per_task=stats, precision=c["_dtype"], provenance=c["_provenance"], config=public(c))
+    results = dict(method=c["method"], tasks=names, acc=acc, AA=aa, BWT=bwt, forgetting=forgetting, per_task=stats,
+                   precision=c["_dtype"], provenance=c["_provenance"], config=public(c))
     if c["_rank"] == 0:
-        with open(os.path.join(run_dir, "results.json.tmp"), "w") as f:
-            json.dump(results, f, indent=1)
-        os.replace(os.path.join(run_dir, "results.json.tmp"), os.path.join(run_dir, "results.json"))
+        text = json.dumps(results, indent=1)
+        save_atomic(os.path.join(run_dir, "results.json"), lambda tmp: pathlib.Path(tmp).write_text(text))
     log(f"\n{c['method']}: accuracy (%) on each task (columns) after training each task (rows)\n"
         + matrix_table(acc, names) + "\nanswers that are none of the task's labels, at the end (%): "
         + "  ".join(f"{n} {off:.1f}" for n, off in zip(names, stats[-1]["off_label"])))
     return results
 
 
-def comparison_table(all_results):
-    lines = [f"{'method':<9}{'AA':>7}{'BWT':>7}{'forget':>8}{'trained params':>16}{'opt state':>12}{'time':>8}"]
-    for r in all_results:
-        trained = max(s["trainable_params"] for s in r["per_task"])
-        state = max(s["optimizer_state_bytes"] for s in r["per_task"])
-        seconds = sum(s["train_seconds"] + s["eval_seconds"] for s in r["per_task"])
-        lines.append(f"{r['method']:<9}{r['AA']:7.1f}{fmt(r['BWT'], '7.1f')}{fmt(r['forgetting'], '8.1f')}"
-                     f"{trained:16,}{state / 2 ** 20:10.2f}MB{seconds:7.0f}s")
+# -----------------------------------------------------------------------------
+# reading finished runs: the summary over seeds and orders, the paired gaps, the picture
+
+
+def learned(r):
+    """The mean accuracy on each task just after training it: what was learned, before any
+    forgetting (mtl's one row is what it learned of every task)."""
+    n = len(r["acc"][-1])
+    return sum(r["acc"][min(i, len(r["acc"]) - 1)][i] for i in range(n)) / n
+
+
+def summary_table(runs_of):
+    """{method: [results]} -> mean ± standard deviation of AA, BWT, forgetting and what was learned."""
+    width = max(9, max(len(m) + 1 for m in runs_of))  # as the ablation's, or a tuning sweep's
+    lines = [f"{'method':<{width}}{'AA':>14}{'BWT':>14}{'forgetting':>14}{'just learned':>14}   runs"]
+    for m, runs in runs_of.items():
+        cells = []
+        for key in ("AA", "BWT", "forgetting", "learned"):
+            values = [learned(r) if key == "learned" else r[key] for r in runs]
+            values = [v for v in values if v is not None]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):7.1f} ± {spread:4.1f}" if values else "-")
+        lines.append(f"{m:<{width}}" + "".join(f"{cell:>14}" for cell in cells) + f"{len(runs):7d}")
     return "\n".join(lines)
+
+
+def paired_table(runs_of, reference="gorp"):
+    """The reference method minus each other one, run by run over the folders holding both: mean
+    and standard deviation of the gap, and in how many runs it is above zero, below it, or level."""
+    ref = {r["folder"]: r for r in runs_of.get(reference, [])}
+    lines = [f"{reference} minus each method, paired by folder: mean ± sd of the gap (runs above / below / level)"]
+    for m, runs in runs_of.items():
+        pairs = [(ref[r["folder"]], r) for r in runs if r["folder"] in ref and m != reference]
+        cells = []
+        for key in ("AA", "BWT"):
+            gaps = [a[key] - b[key] for a, b in pairs if a[key] is not None and b[key] is not None]
+            if gaps:
+                spread = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+                signs = f"{sum(g > 0 for g in gaps)}/{sum(g < 0 for g in gaps)}/{sum(g == 0 for g in gaps)}"
+                cells.append(f"{key} {statistics.mean(gaps):+5.1f} ± {spread:4.1f} ({signs})")
+        if cells:
+            lines.append(f"  {m:<{max(9, max(map(len, runs_of)) + 1)}}" + "   ".join(cells))
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
+def runs_by_method(out_dirs):
+    """{method: [results.json]} of every run finished in the folders (<folder>/<method>/results.json),
+    METHODS first. A method is averaged over the folders that hold it (mtl, which no task order
+    changes, may run once per seed); other runs (the ablation's, a sweep's) where every folder does."""
+    runs_of = collections.defaultdict(list)
+    for d in out_dirs:
+        names = sorted(e for e in os.listdir(d) if os.path.isfile(os.path.join(d, e, "results.json"))) \
+            if os.path.isdir(d) else []
+        if not names:
+            raise ConfigError(f"--summarize: {d} holds no finished run (a folder of <method>/results.json)")
+        for name in names:
+            runs_of[name].append(dict(json.load(open(os.path.join(d, name, "results.json"))), method=name, folder=d))
+    order = list(METHODS) + sorted(m for m in runs_of if m not in METHODS)
+    return {m: runs_of[m] for m in order if m in runs_of and (m in METHODS or len(runs_of[m]) == len(out_dirs))}
 
 
 def plot_results(all_results, path, log):
@@ -779,92 +714,52 @@ def plot_results(all_results, path, log):
     except ImportError:
         log("--plot needs matplotlib: pip install matplotlib (the rest of the run does not)")
         return
-    side = max(4, 0.45 * len(all_results[0]["tasks"]))  # a 15-task matrix needs room for its numbers
-    cols = min(len(all_results), 5)
+    side, cols = max(4, 0.45 * len(all_results[0]["tasks"])), min(len(all_results), 5)  # 15 tasks need room
     rows = math.ceil(len(all_results) / cols)  # each a row of matrices over a row of their curves
     fig, axes = plt.subplots(2 * rows, cols, figsize=(side * cols, (3 + side) * rows), squeeze=False)
-    for k in range(len(all_results), rows * cols):  # the last row's empty places
-        axes[2 * (k // cols)][k % cols].axis("off")
-        axes[2 * (k // cols) + 1][k % cols].axis("off")
+    for ax in axes.flat[len(all_results):]:
+        ax.axis("off")
     for k, r in enumerate(all_results):
         acc, names = r["acc"], r["tasks"]
-        ax = axes[2 * (k // cols)][k % cols]
+        ax, curves = axes[2 * (k // cols)][k % cols], axes[2 * (k // cols) + 1][k % cols]
         ax.imshow([[math.nan if a is None else a for a in row] for row in acc], vmin=0, vmax=100, cmap="viridis")
-        ax.set_title(f"{r['method']}\nAA {r['AA']:.1f}  BWT {fmt(r['BWT'], '.1f').strip()}", fontsize=9)
+        ax.set_title(f"{r['method']}\nAA {r['AA']:.1f}  BWT {fmt(r['BWT'])}", fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(acc)), [f"after {n}" for n in (names if len(acc) > 1 else ["all"])], fontsize=8)
         for i, row in enumerate(acc):
             for j, a in enumerate(row):
                 if a is not None:
                     ax.text(j, i, f"{a:.0f}", ha="center", va="center", color="w" if a < 60 else "k", fontsize=8)
-        ax = axes[2 * (k // cols) + 1][k % cols]
         for j, n in enumerate(names):
             seen = [(i + 1, row[j]) for i, row in enumerate(acc) if row[j] is not None]  # the evaluated points, joined
-            ax.plot(*zip(*seen), marker="o", label=n, color=(plt.cm.tab20 if len(names) > 10 else plt.cm.tab10)(j % 20))
-        ax.set_ylim(0, 100)
-        ax.set_xticks(range(1, len(acc) + 1))
-        ax.set_xlabel("tasks trained")
-        ax.set_ylabel("accuracy (%)")
-        ax.legend(fontsize=7)
+            colors = plt.cm.tab20 if len(names) > 10 else plt.cm.tab10
+            curves.plot(*zip(*seen), marker="o", label=n, color=colors(j % 20))
+        curves.set(ylim=(0, 100), xticks=range(1, len(acc) + 1), xlabel="tasks trained", ylabel="accuracy (%)")
+        curves.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=100)
     log(f"wrote {path}")
 
 
-def finished_runs(out_dir):
-    """The results.json of every method finished in out_dir, in METHODS order, then the others."""
-    names = sorted(e for e in os.listdir(out_dir) if os.path.isfile(os.path.join(out_dir, e, "results.json")))
-    runs = []
-    for name in [m for m in METHODS if m in names] + [n for n in names if n not in METHODS]:
-        with open(os.path.join(out_dir, name, "results.json")) as f:
-            runs.append(dict(json.load(f), method=name))
-    return runs
-
-
-def summary_table(out_dirs):
-    """Mean and standard deviation of AA, BWT and forgetting per method over finished runs, and
-    of the accuracy on each task just after training it: what was learned, before any forgetting.
-    A method is averaged over the folders that hold it (mtl, which no task order changes, may run
-    once per seed), and its row says over how many; other runs (the ablation's, a sweep's) are
-    shown where every folder holds them."""
-    import statistics
-    runs_of = collections.defaultdict(list)
-    for d in out_dirs:
-        runs = finished_runs(d) if os.path.isdir(d) else []
-        if not runs:
-            raise ConfigError(f"--summarize: {d} holds no finished run (a folder of <method>/results.json)")
-        for r in runs:
-            runs_of[r["method"]].append(r)
-    order = list(METHODS) + sorted(m for m in runs_of if m not in METHODS)  # METHODS first, whichever folder held them
-    runs_of = {m: runs_of[m] for m in order if m in runs_of and (m in METHODS or len(runs_of[m]) == len(out_dirs))}
-    width = max(9, max(len(m) + 1 for m in runs_of))  # as the ablation's, or a tuning sweep's
-    lines = [f"{'method':<{width}}{'AA':>14}{'BWT':>14}{'forgetting':>14}{'just learned':>14}   runs"]
-    for m, runs in runs_of.items():
-        for r in runs:  # mtl's one row is what it learned of every task
-            r["learned"] = sum(r["acc"][min(i, len(r["acc"]) - 1)][i] for i in range(len(r["acc"][-1]))) / len(r["acc"][-1])
-        cells = []
-        for key in ("AA", "BWT", "forgetting", "learned"):
-            values = [r[key] for r in runs if r[key] is not None]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):7.1f} ± {spread:4.1f}" if values else f"{'-':>14}")
-        lines.append(f"{m:<{width}}" + "".join(f"{cell:>14}" for cell in cells) + f"{len(runs):7d}")
-    return "\n".join(lines)
+# -----------------------------------------------------------------------------
 
 
 def main(argv, log=print):
     c = parse_config(argv)
     if c["summarize"]:
         out_dirs = [d for d in c["summarize"].split(",") if d]
-        log(summary_table(out_dirs))
-        if c["plot"]:  # the first run folder's methods, one panel each, drawn from their results.json
-            plot_results(finished_runs(out_dirs[0]), os.path.join(c["out_dir"], "forgetting.png"), log)
+        runs_of = runs_by_method(out_dirs)
+        log(summary_table(runs_of) + "\n\n" + paired_table(runs_of))
+        if c["plot"]:  # the first folder's methods, one panel each, drawn from their results.json
+            first = [r for runs in runs_of.values() for r in runs if r["folder"] == out_dirs[0]]
+            plot_results(first, os.path.join(c["out_dir"], "forgetting.png"), log)
         return []
     c["_rank"], c["_world"] = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if c["_world"] > 1 and not dist.is_initialized():  # launched by torchrun
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     if c["_rank"] != 0:
-        log = lambda s: None  # one process speaks
+        log = lambda s: None  # noqa: E731  (one process speaks)
     torch.manual_seed(c["seed"])
     random.seed(c["seed"])
     device = c["_device"] = pick_device(c)
@@ -878,38 +773,31 @@ def main(argv, log=print):
         if c["_world"] > 1:
             dist.barrier()  # the others read what process 0 wrote
     task_list(c)  # a wrong folder or task name is named before anything slower happens
-    enc, eot = tokenizer(c["init_from"])
-    tasks = load_tasks(c, enc, eot, log)
+    model, enc = load_base(c)
+    tasks = load_tasks(c, enc, log)
     c["_task_names"] = [t["name"] for t in tasks]
-    threads = torch.get_num_threads() if device.type == "cpu" else ""
-    log(f"device {device}{f' ({threads} threads)' if threads else ''}, {c['_world']} process(es); data {c['data_dir']}: "
+    threads = f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else ""
+    log(f"device {device}{threads}, {c['_world']} process(es); data {c['data_dir']}: "
         + ", ".join(f"{t['name']} ({len(t['train'])}/{len(t['test'])})" for t in tasks)
         + (" | valid: the test sets are held out of train.json" if c["valid"] else ""))
-    made_here = c["init_from"] in ("scratch", "pretrain")
-    if made_here:  # its width is known now, and its pretraining runs under the chosen autocast
-        precision = set_precision(c, c["n_embd"])
-    model = base_model(c, enc, eot, log)
-    if c["init_from"].endswith(".pt") and model.config.family != "gpt2":  # its tokenizer is not in the file
-        raise ConfigError(f"init_from {c['init_from']} holds a {model.config.family} model: start from the model itself "
-                          "(its folder or .gguf), whose tokenizer it needs")
-    if not made_here:
-        precision = set_precision(c, model.config.n_embd)
-    where = "made here" if made_here else c["init_from"] if c["init_from"].endswith(".pt") else gorp.resolve(c["init_from"])
-    log(f"model {c['init_from']}: {model.config.family} family, {sum(p.numel() for p in model.parameters()):,} parameters, "
-        f"{model.config.n_layer} layers x {model.config.n_embd}, weights in float32 ({where}); {precision}")
+    precision = set_precision(c, model.config.n_embd)
+    if c["init_from"] == "pretrain":  # under the chosen autocast
+        model = toy.pretrain_base(c, model, enc, log, save_atomic)
+    c["_provenance"] = provenance(c, model)
+    log(f"model {c['init_from']}: {model.config.family} family, {sum(p.numel() for p in model.parameters()):,} "
+        f"parameters, {model.config.n_layer} layers x {model.config.n_embd}, weights in float32 "
+        f"({c['_provenance']['weights']}, stored as {c['_provenance']['stored']}); {precision}")
     if c["max_len"] > model.config.block_size:
         raise ConfigError(f"--max_len {c['max_len']} is longer than the model's block_size {model.config.block_size}")
-    c["_provenance"] = provenance(c, model)
     base_state, model_args = model.state_dict(), vars(model.config)
-    methods = list(METHODS) if c["method"] == "all" else [c["method"]]
     all_results = []
-    for m in methods:
+    for m in list(METHODS) if c["method"] == "all" else [c["method"]]:
         mc = dict(c, method=m, _run_dir=os.path.join(c["out_dir"], m) if c["method"] == "all" else c["out_dir"])
         if c["method"] == "all":
             log(f"\n=== {m} ===")
-        all_results.append(run_method(mc, tasks, base_state, model_args, enc, eot, log))
+        all_results.append(run_method(mc, tasks, base_state, model_args, enc, log))
     if len(all_results) > 1:
-        log("\nall methods, same base model and data:\n" + comparison_table(all_results))
+        log("\nall methods, same base model and data:\n" + summary_table({r["method"]: [r] for r in all_results}))
     if c["plot"] and c["_rank"] == 0:
         plot_results(all_results, os.path.join(c["out_dir"], "forgetting.png"), log)
     if dist.is_initialized():

@@ -104,6 +104,25 @@ def load_split(data_dir, group, task, split, cap=0, seed=0, log=print):
     return [dict(sentence=r["sentence"], label=str(r["label"])) for r in records], labels
 
 
+def load_task(data_dir, group, task, enc, max_train, max_test, max_len, seed, valid=False, log=print):
+    """One task: its labels and its train and test examples as (prompt ids, answer ids). With
+    valid, the test examples are held out of train.json instead, so tuning never sees test.json."""
+    if valid:
+        records, labels = load_split(data_dir, group, task, "train", log=log)
+        records = random.Random(seed).sample(records, len(records))
+        held = max_test or len(records) // 5
+        if held >= len(records):
+            raise DataError(f"task {task} has {len(records)} training examples: too few to hold out {held}")
+        splits = dict(train=records[held:][: max_train or None], test=records[:held])
+    else:
+        splits = {}
+        for split, cap in (("train", max_train), ("test", max_test)):
+            splits[split], labels = load_split(data_dir, group, task, split, cap, seed, log)
+    data = {split: [encode_example(enc, group, task, labels, r, max_len, enc.end_token) for r in records]
+            for split, records in splits.items()}
+    return dict(name=task, group=group, labels=labels, **data)
+
+
 def load_labels(folder, records):
     """labels.json, or, where a task has none, the labels its records use (sorted)."""
     path = os.path.join(folder, "labels.json")

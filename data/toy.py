@@ -18,15 +18,20 @@ Every task reads the same sentences and differs from the others only in its ques
 two answer words, which the prompt's "Dataset:" and "Option:" lines name. A model that simply
 follows its latest task answers every question with that task's words, and is 0% right on the
 others: the forgetting that sequential fine-tuning shows on the real benchmark. The suite also
-writes pretrain.json, unlabeled stories of the language, to pretrain the default base model.
+writes pretrain.json, unlabeled stories of the language, on which pretrain_base makes the
+default base model.
 
     python data/toy.py out/toy    # write the suite (train_cl.py does this by itself)
 """
 
+import collections
+import hashlib
 import json
+import math
 import os
 import random
 import sys
+import time
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]
 MAMMALS, BIRDS = ["cat", "dog", "bear", "wolf", "horse", "fox"], ["owl", "duck", "crow", "swan", "hawk", "goose"]
@@ -81,6 +86,61 @@ def write_suite(folder, n_train=2000, n_test=300, n_pretrain=20000, seed=1234):
             write_json(os.path.join(folder, "TOY", task, f"{split}.json"), records)
         write_json(os.path.join(folder, "TOY", task, "labels.json"), LABELS[task])
     write_json(os.path.join(folder, "pretrain.json"), [story(rng) for _ in range(n_pretrain)])
+
+
+def pretrain_base(c, model, enc, log, save_atomic):
+    """Pretrain the small GPT as a language model on the toy suite's unlabeled text (its
+    pretrain.json), once; the result is cached in out_dir and reused. c is train_cl.py's config.
+    Wrong answers of a toy model so made are nonetheless its own words: the loss predicts only the
+    text's commonest tokens, and the others keep their random logits."""
+    import torch
+    from data.benchmark import DataError, pretraining_text
+    eot = enc.end_token
+    docs = pretraining_text(c["data_dir"], enc, eot, c["block_size"])
+    key = dict(model=vars(model.config), iters=c["pretrain_iters"], lr=c["pretrain_lr"], seed=c["seed"],
+               batch=c["pretrain_batch_size"], vocab=c["pretrain_vocab"], n=len(docs), first=docs[0][:32], last=docs[-1][:32])
+    digest = int(hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12], 16)
+    path = os.path.join(c["out_dir"], f"base-{digest % 10 ** 10}.pt")  # named by what made it
+    if os.path.isfile(path):
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+        except Exception as e:
+            raise DataError(f"cached base model {path} is unreadable ({str(e).splitlines()[0]}): delete it") from None
+        log(f"base model: {path} (cached)")
+        return model
+    counts = collections.Counter(t for d in docs for t in d)
+    # a 50257-way softmax is most of the small model's cost, so the loss predicts the text's
+    # commonest tokens alone (rare ones are still read as inputs)
+    vocab = torch.tensor(sorted(t for t, _ in counts.most_common(c["pretrain_vocab"])))
+    index = torch.full((model.config.vocab_size,), -1, dtype=torch.long)
+    index[vocab] = torch.arange(len(vocab))
+    device, steps = c["_device"], c["pretrain_iters"]
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=c["pretrain_lr"], weight_decay=0.0, betas=(0.9, 0.95))
+    rng, t0 = random.Random(c["seed"]), time.time()
+    log(f"pretraining a base model on {len(docs)} texts (predicting {len(vocab)} of their {len(counts)} distinct "
+        f"tokens), {steps} steps; cached at {path}")
+    for step in range(steps):
+        batch = rng.sample(docs, min(c["pretrain_batch_size"], len(docs)))
+        T = min(max(map(len, batch)), c["block_size"])
+        idx, targets = torch.full((len(batch), T), eot), torch.full((len(batch), T), -1)
+        for b, d in enumerate(batch):
+            d = [eot] + d[: T]
+            idx[b, : len(d) - 1], targets[b, : len(d) - 1] = torch.tensor(d[:-1]), index[torch.tensor(d[1:])]
+        for g in opt.param_groups:  # 20 steps of warm-up, then a cosine
+            g["lr"] = c["pretrain_lr"] * min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        with c["_autocast"]():
+            loss = model(idx.to(device), targets.to(device), vocab=vocab.to(device))[1]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"  pretrain step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    model.cpu()
+    if c["_rank"] == 0:  # every process pretrained the same model from the same seed
+        save_atomic(path, lambda tmp: torch.save(dict(model=model.state_dict(), model_args=vars(model.config)), tmp))
+    return model
 
 
 def write_json(path, obj):
