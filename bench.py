@@ -302,7 +302,26 @@ def check_targets(results):
         print(f"  {'PASS' if ok else 'MISS'}  {name}")
 
 
+def llama_memory(results):
+    """What data/llama_gpu.py holds on one GPU for Llama-2-7B's shapes, by train_cl.py's estimate
+    (a model on the meta device: no weights, no time)."""
+    c = train_cl.parse_config(["data/llama_gpu.py", "--dtype=bfloat16"])
+    c.update(_device=torch.device("cuda"), _rank=0, _world=1, _dtype="bfloat16")
+    config = gorp.GPTConfig(family="llama", block_size=4096, vocab_size=32000, n_layer=32, n_head=32, n_kv_head=32,
+                            n_embd=4096, n_hidden=11008, bias=False, norm_eps=1e-5, tie_embeddings=False)
+    with torch.device("meta"):
+        model = gorp.GPT(config)
+        gorp.inject_lora(model, train_cl.FAMILY_PATTERNS["llama"]["lora"], c["lora_r"], c["lora_alpha"])
+        parts = train_cl.memory_estimate(c, model, train_cl.make_optimizer(c, train_cl.METHODS["gorp"], model))
+    results["llama2_7b_gib"] = {k: v / 2 ** 30 for k, v in parts.items()}
+    print(f"\nLlama-2-7B shapes under data/llama_gpu.py (gorp, micro-batch 4 x 512, bfloat16 autocast), estimated: "
+          f"{sum(parts.values()) / 2 ** 30:.1f} GiB = " + " + ".join(f"{k} {v / 2 ** 30:.1f}" for k, v in parts.items()))
+
+
 if __name__ == "__main__":
+    if "--llama-memory" in sys.argv:  # this row alone
+        llama_memory({})
+        sys.exit(0)
     torch.manual_seed(0)
     results = dict(torch=torch.__version__, threads=torch.get_num_threads(), quick=QUICK)
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
@@ -313,6 +332,7 @@ if __name__ == "__main__":
     tasks, state, args = bench_training(results)
     bench_eval(results, tasks, state, args)
     bench_smollm2(results)
+    llama_memory(results)
     check_targets(results)
     with open("bench.json", "w") as f:
         json.dump(results, f, indent=1)

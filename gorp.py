@@ -1,4 +1,4 @@
-"""
+r"""
 GORP: continual fine-tuning of a language model by gradient low-rank projection, in one file.
 
 Paper: Wang, Lyu, Sun, Jing, "Continual Gradient Low-Rank Projection Fine-Tuning for LLMs",
@@ -26,13 +26,27 @@ How the pieces fit, top to bottom:
                     LoRA-A steps, all with the shared space where a group asks for it
   6. reading        Hugging Face folders, GGUF files and tokenizers: what a reader of the method skips
 
-Use it from Python:
-    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64))
-    inject_lora(model, r"attn\\.c_attn$", r=8, alpha=16)
-    opt = GORP(param_groups(model, full_rank=r"mlp\\.c_fc$", rank=8, shared_space=True))
-    ... train task t ...;  opt.grow_shared_space(0.9);  spaces = opt.shared_spaces()
-    end_task(model);  opt = GORP(...);  opt.load_shared_spaces(spaces)   # next task
-or start from a real model:  model = GPT.from_pretrained("smollm2");  enc = load_tokenizer("smollm2")
+Use it from Python (a test runs this example as written):
+
+    import torch
+    from gorp import GPT, GPTConfig, GORP, end_task, inject_lora, param_groups
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, vocab_size=256, block_size=32))
+    inject_lora(model, r"attn\.c_attn$", r=8, alpha=16)  # GPT-2's fused q, k, v
+    spaces = {}
+    for task in range(2):  # a fresh adapter and optimizer per task; the shared spaces carry over
+        opt = GORP(param_groups(model, lr=1e-3, full_rank=r"mlp\.c_fc\.weight$", rank=8, shared_space=True))
+        opt.load_shared_spaces(spaces)
+        for step in range(5):
+            idx = torch.randint(0, 256, (4, 16))  # (B, T): this task's batch
+            logits, loss = model(idx, targets=idx.roll(-1, dims=1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        opt.grow_shared_space(0.9)  # what this task moved along is protected from the next
+        spaces = opt.shared_spaces()
+        end_task(model)  # merge the adapter into its weight, start a fresh one
+
+or start from a real model: model = GPT.from_pretrained("smollm2"); enc = load_tokenizer("smollm2"),
 or run the whole continual loop with `python train_cl.py` (see README.md).
 """
 
@@ -765,6 +779,8 @@ def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, upda
               dict(params=projected, lr=full_rank_lr or lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
                    shared_space=shared_space, exact_svd=exact_svd, refresh_moments=refresh_moments, space_from=space_from),
               dict(params=rest, lr=rest_lr or lr)]
+    if full_rank and not projected:  # a pattern that matches nothing would silently train nothing at full rank
+        raise ValueError(f"no matrix matches the full-rank pattern {full_rank!r} (names end in .weight)")
     groups = [g for g in groups if g["params"]]
     trained = {id(p) for g in groups for p in g["params"]}
     for p in model.parameters():
@@ -1005,9 +1021,10 @@ GGUF_SPLITS = {"gpt-2": GPT2_SPLIT, "smollm": DIGITS_SPLIT, "llama-bpe": LLAMA3_
 
 
 def load_tokenizer(path_or_name="gpt2"):
-    """The model's own tokenizer as a tiktoken.Encoding, with two attributes more: end_token, the id
-    that ends an answer (and stops generation), and bos_token, the id put before every prompt (or
-    None). GPT-2, and the small models made here, use tiktoken's own "gpt2" encoding."""
+    """The model's own tokenizer, a tiktoken.Encoding (or, for a vocabulary tiktoken cannot express,
+    a LibraryTokenizer with the same methods), with two attributes more: end_token, the id that ends
+    an answer (and stops generation), and bos_token, the id put before every prompt (or None).
+    GPT-2, and the small models made here, use tiktoken's own "gpt2" encoding."""
     import tiktoken
     path = path_or_name if path_or_name in GPT2_NAMES else resolve(path_or_name)
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
@@ -1029,8 +1046,8 @@ def gguf_tokenizer(path):
     _, meta = open_gguf(path)
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
     if model != "gpt2":
-        raise ValueError(f"{path}: its tokenizer ({model}, e.g. LLaMA-2's SentencePiece) is not byte-level BPE, "
-                         "which is all tiktoken can express")
+        raise ValueError(f"{path}: its tokenizer ({model}, e.g. LLaMA-2's SentencePiece) is not a byte-level BPE, "
+                         "which is all a GGUF's tokenizer is read as here: load the model's Hugging Face folder")
     if pre not in GGUF_SPLITS:
         raise ValueError(f"{path}: pre-tokenizer {pre!r} is not known here (known: {', '.join(GGUF_SPLITS)})")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
@@ -1043,17 +1060,14 @@ def gguf_tokenizer(path):
 
 
 def hf_tokenizer(folder):
-    """A Hugging Face tokenizer.json of a byte-level BPE, with tokenizer_config.json's end token."""
+    """A Hugging Face tokenizer.json with tokenizer_config.json's end token: a byte-level BPE as a
+    tiktoken encoding, anything else (LLaMA-2's SentencePiece BPE) through the tokenizers library."""
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder} has no tokenizer.json")
     with open(path, encoding="utf-8") as f:
         tok = json.load(f)
-    if tok["model"].get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("decoder")):
-        raise ValueError(f"{path}: not a byte-level BPE (e.g. LLaMA-2's SentencePiece), which is all tiktoken can express")
     specials = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    vocab = {t: i for t, i in tok["model"]["vocab"].items() if t not in specials}
-    merges = [m.split(" ") if isinstance(m, str) else m for m in tok["model"].get("merges", [])]
     end = None
     config_path = os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(config_path):
@@ -1063,11 +1077,45 @@ def hf_tokenizer(folder):
     if end is None:
         end = read_hf_config(folder, folder).get("eos_token_id")
         end = end[0] if isinstance(end, list) else end
-    post = tok.get("post_processor") or {}  # Llama 3 puts <|begin_of_text|> first by a template
+    post = tok.get("post_processor") or {}  # Llama 2 and 3 put their begin token first by a template
     first = (post.get("single") or [{}])[0] if post.get("type") == "TemplateProcessing" else {}
     bos = specials.get(first["SpecialToken"]["id"]) if "SpecialToken" in first else None
+    if tok["model"].get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("decoder")):
+        return LibraryTokenizer(path, end, bos)
+    vocab = {t: i for t, i in tok["model"]["vocab"].items() if t not in specials}
+    merges = [m.split(" ") if isinstance(m, str) else m for m in tok["model"].get("merges", [])]
     return bpe_encoding(os.path.basename(folder.rstrip("/")), vocab, specials, merges,
                         hf_split_pattern(tok.get("pre_tokenizer"), path), end, bos)
+
+
+class LibraryTokenizer:
+    """A tokenizer.json tiktoken cannot express (LLaMA-2's SentencePiece BPE with byte fallback, which
+    writes a space as a word's leading U+2581), read by Hugging Face's tokenizers library (imported
+    only here), behind tiktoken's interface. encode_ordinary gives the library's ids for text as it
+    reads after a newline, so the pieces of a prompt encoded apart join as the whole text would,
+    where the library alone would start every piece with a word boundary of its own."""
+
+    def __init__(self, path, end_token, bos_token):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError(f"{path} is not a byte-level BPE, which tiktoken reads: reading it needs Hugging "
+                              "Face's tokenizers package: pip install tokenizers") from None
+        if end_token is None:
+            raise ValueError(f"{path}: no end-of-sequence token is named")
+        self.tokenizer, self.end_token, self.bos_token = Tokenizer.from_file(path), end_token, bos_token
+        self.newline = self.tokenizer.encode("\n", add_special_tokens=False).ids
+
+    def encode_ordinary(self, text):
+        ids = self.tokenizer.encode("\n" + text, add_special_tokens=False).ids
+        if ids[: len(self.newline)] == self.newline:
+            return ids[len(self.newline):]
+        return self.tokenizer.encode(text, add_special_tokens=False).ids  # the newline merged with the text
+
+    encode = encode_ordinary
+
+    def decode(self, ids):
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def hf_split_pattern(pre, path):

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import struct
+import textwrap
 from contextlib import nullcontext
 
 import pytest
@@ -50,6 +51,18 @@ def captured(A, Q):
 
 def is_orthonormal(Q, tol=1e-5):
     return torch.allclose(Q.t() @ Q, torch.eye(Q.size(1)), atol=tol)
+
+
+def test_the_docstring_example_runs_as_written():
+    """gorp.py's opening example, executed as a reader would paste it: two tasks, and the shared
+    space protects directions of both LoRA A and the full-rank weights after them."""
+    text = gorp.__doc__.split("as written):\n")[1].split("\n\n")[0]
+    scope = {}
+    exec(textwrap.dedent(text), scope)
+    spaces, model = scope["spaces"], scope["model"]
+    lora_A = {m.lora_A for _, m in gorp.lora_modules(model)}
+    assert lora_A <= set(spaces) and len(spaces) > len(lora_A)  # the c_fc weights have spaces too
+    assert all(S.size(1) > 0 for S in spaces.values()) and torch.isfinite(scope["loss"])
 
 
 # --- the optimizer's plain group is AdamW
@@ -614,6 +627,61 @@ def test_llama_family_matches_transformers(tmp_path, kind):
     assert torch.allclose(logits(ours, idx), expected, atol=1e-4, rtol=1e-4)
 
 
+def write_sentencepiece_tokenizer(folder, texts):
+    """A LLaMA-2-style tokenizer.json made by the tokenizers library itself: SentencePiece's BPE with
+    byte fallback, a Metaspace pre-tokenizer, <s> put first by a template, </s> the end token."""
+    tk = pytest.importorskip("tokenizers")
+    tok = tk.Tokenizer(tk.models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.decoder = tk.decoders.Sequence([tk.decoders.Replace("\u2581", " "), tk.decoders.ByteFallback(),
+                                        tk.decoders.Fuse(), tk.decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    texts = [text.replace("\n", " ") for text in texts]  # as LLaMA-2's: a newline is always its byte, <0x0A>
+    tok.train_from_iterator(texts, tk.trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *bytes_]))
+    tok.post_processor = tk.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump(dict(eos_token="</s>", bos_token="<s>"), f)
+    return tok
+
+
+SP_TEXTS = ["Task:SC\nDataset:mood\nWhat is the sentiment of the following paragraph? Choose one from the option.\n",
+            "Option: positive, negative \na good day 3\nAnswer: positive", "the ball 7\nAnswer: sports",
+            "naïve café, 12 €, tabs\tand  double  spaces", "Dataset:topic\nthe vote 11\nAnswer: politics"] * 20
+
+
+def test_sentencepiece_tokenizer_reads_through_the_tokenizers_library(tmp_path):
+    """LLaMA-2's kind of tokenizer, which tiktoken cannot express: text round-trips (bytes the
+    vocabulary lacks included), the pieces of a prompt encoded apart join as the whole text does,
+    and the ids are the library's own; <s> begins prompts and </s> ends answers."""
+    lib = write_sentencepiece_tokenizer(tmp_path, SP_TEXTS)
+    write_llama_folder(tmp_path, tiny_llama(vocab_size=lib.get_vocab_size()))
+    enc = gorp.load_tokenizer(str(tmp_path))
+    assert (enc.bos_token, enc.end_token) == (1, 2)
+    for text in ["Answer: positive", "naïve café, 12 € 漢字\tand  spaces", "Option: sports, politics \nthe ball 3"]:
+        assert enc.decode(enc.encode_ordinary(text)) == text
+    head, sentence, tail = "Task:SC\nDataset:mood\n", "a good day 3", "\nAnswer:"
+    whole = lib.encode("\n" + head + sentence + tail + " positive", add_special_tokens=False).ids
+    newline = lib.encode("\n", add_special_tokens=False).ids
+    pieces = [enc.encode_ordinary(p) for p in (head, sentence, tail, " positive")]
+    assert sum(pieces, []) == whole[len(newline):]
+    assert enc.decode(pieces[-1]) == "positive" and "\u2581" not in lib.id_to_token(pieces[-1][0])[1:]
+
+
+def test_a_llama2_shaped_model_runs_end_to_end(tmp_path):
+    """A tiny random LLaMA-2-shaped model in the Hugging Face layout, with a SentencePiece tokenizer,
+    through train_cl.py: every stage runs and the matrix is whole."""
+    lib = write_sentencepiece_tokenizer(tmp_path / "llama2", SP_TEXTS)
+    write_llama_folder(tmp_path / "llama2", tiny_llama(vocab_size=lib.get_vocab_size(), block_size=128))
+    data = two_tasks(tmp_path / "data")
+    (result,) = train_cl.main([f"--init_from={tmp_path / 'llama2'}", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
+                               "--max_train=16", "--max_test=4", "--batch_size=8", "--grad_accum=2", "--epochs=1",
+                               "--max_len=96", "--log_every=1e9"], log=lambda s: None)
+    assert len(result["acc"]) == 2 and all(a is not None for a in result["acc"][-1])
+    assert result["provenance"]["stored"] == "float32" and len(result["provenance"]["sha256"]) == 64
+
+
 def test_bad_gguf_files_are_named(tmp_path):
     model = tiny_llama()
     write_llama_gguf(tmp_path / "good.gguf", model)
@@ -895,6 +963,48 @@ def test_gradient_accumulation_takes_the_same_step(method):
         assert torch.allclose(whole[n], split[n], atol=1e-6, rtol=1e-4), n
 
 
+def saved_activation_bytes(model, run):
+    """Bytes of the tensors autograd keeps for the backward pass of run(), parameters aside."""
+    params, held = {p.untyped_storage().data_ptr() for p in model.parameters()}, {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run()
+    return sum(held.values()), out
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_memory_estimate_matches_the_bytes_held(family, dtype):
+    """The estimate printed at the start: weights, gradients and optimizer state to the byte, the
+    activations of one micro-batch within 20% of what autograd actually keeps on this CPU."""
+    c = train_cl.parse_config([*TINY_RUN, "--batch_size=8", "--grad_accum=2", "--max_len=128", f"--dtype={dtype}"])
+    c.update(_device=torch.device("cpu"), _rank=0, _world=1)
+    train_cl.set_precision(c, 256)
+    cfg = dict(n_layer=3, n_head=8, n_embd=256, vocab_size=500, block_size=128)
+    model = gorp.GPT(gorp.GPTConfig(**cfg, **(dict(family="llama", n_kv_head=4, n_hidden=688, bias=False)
+                                             if family == "llama" else {})))
+    gorp.inject_lora(model, train_cl.FAMILY_PATTERNS[family]["lora"], r=8, alpha=16)
+    opt = train_cl.make_optimizer(c, train_cl.METHODS["gorp"], model)
+    estimate = train_cl.memory_estimate(c, model, opt)
+    idx = torch.randint(0, 500, (4, 128), generator=torch.Generator().manual_seed(0))  # one micro-batch
+    targets = torch.full_like(idx, -1)
+    targets[:, -4:] = idx[:, -4:]
+    with c["_autocast"]():
+        held, (_, loss) = saved_activation_bytes(model, lambda: model(idx, targets))
+    loss.backward()
+    opt.step()
+    trained = [p for g in opt.param_groups for p in g["params"]]
+    assert estimate["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert estimate["gradients"] == sum(p.grad.numel() * p.grad.element_size() for p in trained)
+    assert estimate["optimizer"] == opt.state_bytes()
+    assert 0.8 < estimate["activations"] / held < 1.2, (estimate["activations"], held)
+
+
 def test_unseen_tasks_left_unevaluated_change_no_metric(tmp_path):
     every = run_cl(tmp_path / "a", "--method=inclora")[0]
     seen = run_cl(tmp_path / "b", "--method=inclora", "--eval_tasks=seen")[0]
@@ -1128,6 +1238,8 @@ def test_bad_data_is_named(tmp_path, kind, message):
     ("--init_from=missing.pt", train_cl.ConfigError, "does not exist"),
     ("--init_from=not_a_folder", train_cl.ConfigError, "no model at not_a_folder"),
     ("--device=tpu", train_cl.ConfigError, "unknown device"),
+    ("--lora_pattern=nothing", train_cl.ConfigError, "no linear layer matches the LoRA pattern"),
+    ("--full_rank_pattern=mlp.c_fc$", train_cl.ConfigError, "no matrix matches the full-rank pattern"),
     ("--device=cuda:0" if not torch.cuda.is_available() else "--device=mps:9", train_cl.ConfigError, "not available"),
     ("--resume=True", train_cl.ConfigError, "does not exist, so there is no run to resume"),
 ])

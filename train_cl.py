@@ -336,14 +336,45 @@ def prepare_model(c, spec, base_state, model_args):
     """A copy of the base model with the method's adapters."""
     model = gorp.GPT(gorp.GPTConfig(**model_args))
     model.load_state_dict(base_state)
-    if spec["lora"] != "none":
-        gorp.inject_lora(model, pattern(c, "lora", model), c["lora_r"], c["lora_alpha"], c["lora_dropout"])
+    try:  # a pattern that matches nothing is bad input, said in one line
+        if spec["lora"] != "none":
+            gorp.inject_lora(model, pattern(c, "lora", model), c["lora_r"], c["lora_alpha"], c["lora_dropout"])
+        make_optimizer(c, spec, model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return model.to(c["_device"])
 
 
 def pattern(c, kind, model):
     """The regex of the lora, full_rank or galore weights: the config's, or the model family's."""
     return FAMILY_PATTERNS[model.config.family][kind] if c[f"{kind}_pattern"] == "auto" else c[f"{kind}_pattern"]
+
+
+def memory_estimate(c, model, opt):
+    """Bytes a training step holds, by part, estimated from shapes before anything runs: the weights;
+    the trained weights' gradients; the optimizer state (Adam's two moments, (m, r) for a projected
+    weight, and its projector); and the activations autograd keeps for one micro-batch of max_len
+    tokens: per token and layer about 8 d + 3 h values (LLaMA; GPT-2 4 d + 2 h) of 4 bytes, or about
+    2.25 under bfloat16 autocast (the residual stream and norms stay float32), plus there the
+    bfloat16 copies autocast makes of every matrix and keeps for the backward pass, and on a CPU
+    the (T, T) attention probabilities of its plain attention (attend). test_gorp.py checks it."""
+    cfg, trained = model.config, [p for g in opt.param_groups for p in g["params"]]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = 0
+    for g in opt.param_groups:
+        for p in g["params"]:
+            r = min(g["rank"] or 0, *p.shape) if g["rank"] else 0
+            state += 4 * (2 * r * max(p.shape) + r * min(p.shape) if r else 2 * p.numel())
+    B, T, half = math.ceil(c["batch_size"] / c["_world"] / c["grad_accum"]), c["max_len"], c["_dtype"] != "float32"
+    d, h = cfg.n_embd, cfg.n_hidden or 4 * cfg.n_embd
+    per_token = (8 * d + 3 * h if cfg.family == "llama" else 4 * d + 2 * h) * (2.25 if half else 4)
+    activations = int(B * T * cfg.n_layer * per_token)
+    if half:  # the matrices' bfloat16 copies, and the CPU's plain attention scores and probabilities
+        activations += 2 * sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n
+                               and "wte" not in n and "wpe" not in n)
+        activations += 2 * B * cfg.n_head * T * T * cfg.n_layer if c["_device"].type == "cpu" else 0
+    return dict(weights=weights, gradients=4 * sum(p.numel() for p in trained), optimizer=state,
+                activations=activations)
 
 
 def make_optimizer(c, spec, model):
@@ -601,6 +632,11 @@ def run_method(c, tasks, base_state, model_args, enc, log):
         opt.load_shared_spaces({named[n]: S for n, S in spaces.items()})
         if c["fresh_A_off_space"]:
             opt.start_adapters_off_spaces()
+        if i == start:
+            parts = memory_estimate(c, model, opt)
+            log(f"memory estimate: {sum(parts.values()) / 2 ** 30:.2f} GiB = "
+                + " + ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in parts.items()) + " (micro-batch of "
+                f"{math.ceil(c['batch_size'] / c['_world'] / c['grad_accum'])} x {c['max_len']} tokens)")
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
         projected = sum(p.numel() for g in opt.param_groups if g["rank"] for p in g["params"])
