@@ -199,7 +199,7 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, rope, cache=None, mask=None):
         B, T, _ = x.size()
-        q, k, v = (proj(x).view(B, T, -1, self.head_size).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).view(B, T, -1, self.head_size).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # (B, nh, T, hs), (B, nkv, T, hs)
         return self.o_proj(attend(q, k, v, cache, mask, self.dropout if self.training else 0.0))
 
@@ -297,28 +297,39 @@ class GPT(nn.Module):
         return logits, F.cross_entropy(logits.float(), targets[keep])
 
     @torch.no_grad()
-    def generate(self, prompts, max_new_tokens, stop_token=None, use_cache=True):
-        """Greedy decoding of a batch of prompts (lists of token ids of any lengths). Prompts are
-        left-padded so every row's next token sits in the last column; with use_cache, keys and
-        values are kept per layer and each new token costs one position, not the whole prefix.
+    def generate(self, prompts, max_new_tokens, stop_token=None, use_cache=True, share_start=True):
+        """Greedy decoding of a batch of prompts (lists of token ids of any lengths). With use_cache,
+        keys and values are kept per layer, so each new token costs one position, not the whole
+        prefix, and (share_start) the start the prompts share, a task's template, runs once for the
+        batch. The rest of each prompt is left-padded after it, so every row's next token sits in the
+        last column. Outputs equal recomputing every prefix in float32; in bfloat16 the start's keys
+        and values round otherwise, which can flip a near tie (bench.py counts how often).
         Returns the new tokens of each prompt, up to and without stop_token."""
         device = self.embedding.weight.device
         B, T = len(prompts), max(len(p) for p in prompts)
         assert T + max_new_tokens <= self.config.block_size, "prompt + answer longer than block_size"
+        cache = [{} for _ in range(self.config.n_layer)] if use_cache else None
+        P = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1) if use_cache and share_start else 0
+        if P > 0:  # the shared start, once: its keys and values serve every row
+            start = torch.tensor(prompts[0][:P], device=device)[None]  # (1, P)
+            self(start, pos=torch.arange(P, device=device)[None], cache=cache)
+            for layer in cache:
+                layer["k"], layer["v"] = layer["k"].expand(B, -1, -1, -1), layer["v"].expand(B, -1, -1, -1)
         idx = torch.zeros(B, T, dtype=torch.long)
         valid = torch.zeros(B, T, dtype=torch.bool)
+        idx[:, :P], valid[:, :P] = torch.tensor(prompts[0][:P]), True
         for b, p in enumerate(prompts):
-            idx[b, T - len(p):], valid[b, T - len(p):] = torch.tensor(p), True
-        idx, valid = idx.to(device), valid.to(device)  # (B, T)
+            idx[b, T - len(p) + P:], valid[b, T - len(p) + P:] = torch.tensor(p[P:]), True
+        idx, valid = idx.to(device), valid.to(device)  # (B, T): shared start, pads, the rest
+        new_idx = idx[:, P:]
         out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
-        cache = [{} for _ in range(self.config.n_layer)] if use_cache else None
-        new_idx = idx
         for _ in range(max_new_tokens):
             S, n = valid.size(1), new_idx.size(1) if use_cache else valid.size(1)  # keys, queries
             pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, S): pads share position 0
             k_pos, q_pos = torch.arange(S, device=device), torch.arange(S - n, S, device=device)
             # a query sees earlier valid keys, and always itself, so a pad row is never all -inf
-            sees = (k_pos[None, :] <= q_pos[:, None]) & (valid[:, None, :] | (k_pos[None, :] == q_pos[:, None]))  # (B, n, S)
+            itself = k_pos[None, :] == q_pos[:, None]  # (n, S)
+            sees = (k_pos[None, :] <= q_pos[:, None]) & (valid[:, None, :] | itself)  # (B, n, S)
             x = new_idx if use_cache else idx  # with the cache, only the new positions are fed
             logits, _ = self(x, pos=pos[:, -n:], cache=cache, mask=sees[:, None])
             new_idx = logits[:, -1, :].argmax(-1, keepdim=True)  # (B, 1)
@@ -342,13 +353,9 @@ class GPT(nn.Module):
         model = cls(config)
         model.source = dict(path=os.path.abspath(resolve(path_or_name)), stored=stored)  # results.json's provenance
         if config.tie_embeddings:
-            sd["lm_head.weight"] = sd.get("model.embed_tokens.weight" if config.family == "llama" else "transformer.wte.weight")
-        want = set(model.state_dict())
-        missing, unknown = sorted(want - {k for k, v in sd.items() if v is not None}), sorted(set(sd) - want)
-        if missing or unknown:
-            raise KeyError(f"checkpoint {path_or_name} does not fit a {config.family} GPT: "
-                           + (f"{len(missing)} tensors missing, e.g. {missing[0]}" if missing else f"unknown tensor {unknown[0]}"))
-        model.load_state_dict(sd)  # copied into float32, whatever the checkpoint's dtype
+            sd["lm_head.weight"] = sd.get("model.embed_tokens.weight" if config.family == "llama" else
+                                          "transformer.wte.weight")
+        model.load_state_dict(sd)  # strict; copied into float32, whatever the checkpoint's dtype
         return model
 
 
@@ -775,9 +782,10 @@ def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, upda
             projected.append(p)
         elif train_rest and id(p) not in lora_base:
             rest.append(p)
-    groups = [dict(params=lora_A, lr=lr, shared_space=shared_space, space_from=space_from), dict(params=lora_B, lr=lr),
+    space = dict(shared_space=shared_space, space_from=space_from)
+    groups = [dict(params=lora_A, lr=lr, **space), dict(params=lora_B, lr=lr),
               dict(params=projected, lr=full_rank_lr or lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                   shared_space=shared_space, exact_svd=exact_svd, refresh_moments=refresh_moments, space_from=space_from),
+                   exact_svd=exact_svd, refresh_moments=refresh_moments, **space),
               dict(params=rest, lr=rest_lr or lr)]
     if full_rank and not projected:  # a pattern that matches nothing would silently train nothing at full rank
         raise ValueError(f"no matrix matches the full-rank pattern {full_rank!r} (names end in .weight)")
@@ -904,7 +912,8 @@ def gpt2_to_gorp(sd):
         name = key[len("transformer."):] if key.startswith("transformer.") else key
         if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
             continue  # causal-mask buffers, and the head tied to wte
-        if not re.fullmatch(r"(wte|wpe|ln_f)\.(weight|bias)|h\.\d+\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)", name):
+        block = r"h\.\d+\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
+        if not re.fullmatch(rf"((wte|wpe|ln_f)|{block})\.(weight|bias)", name):
             raise KeyError(f"unknown key in GPT-2 checkpoint: {key}")
         out["transformer." + name] = value.t().contiguous() if name.endswith(conv1d) else value
     return out
@@ -940,8 +949,9 @@ def load_safetensors(path):
 
 # GGUF: llama.cpp's names for the tensors of a LLaMA block, and Hugging Face's
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
-                    "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                    "attn_output": "self_attn.o_proj",
                     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 
 
@@ -954,7 +964,8 @@ def open_gguf(path):
         reader = gguf.GGUFReader(path)
         return reader, {key: field.contents() for key, field in reader.fields.items()}
     except Exception as e:  # a truncated or foreign file fails inside the reader, in many ways
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
+            from None
 
 
 def read_gguf(path):
@@ -975,7 +986,8 @@ def read_gguf(path):
     config = GPTConfig(family="llama", block_size=llama("context_length"), n_layer=llama("block_count"),
                        vocab_size=llama("vocab_size") or len(meta["tokenizer.ggml.tokens"]), n_head=n_head,
                        n_embd=llama("embedding_length"), n_kv_head=llama("attention.head_count_kv", n_head),
-                       n_hidden=llama("feed_forward_length"), rope_theta=float32_as_written(llama("rope.freq_base", 10000.0)),
+                       n_hidden=llama("feed_forward_length"),
+                       rope_theta=float32_as_written(llama("rope.freq_base", 10000.0)),
                        norm_eps=float32_as_written(llama("attention.layer_norm_rms_epsilon", 1e-5)), bias=False,
                        tie_embeddings="output.weight" not in names)
     sd = {}
@@ -984,9 +996,10 @@ def read_gguf(path):
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
         name = f"model.layers.{m[1]}.{GGUF_BLOCK_NAMES.get(m[2], m[2])}" if m else GGUF_NAMES.get(stem, stem)
         try:
-            w = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32"))  # (rows, cols): ggml's shape reversed
+            w = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32"))  # (rows, cols): ggml's reversed
         except (NotImplementedError, ValueError) as e:
-            raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize ({e})") from None
+            raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize "
+                             f"({e})") from None
         if name.endswith(("q_proj", "k_proj")):
             w = unpermute_rotary(w, n_head if name.endswith("q_proj") else config.n_kv_head)
         sd[f"{name}.{kind}"] = w
@@ -1015,7 +1028,8 @@ GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s
 # SmolLM2's tokenizer first isolates every digit, then splits as GPT-2; in one regex: a digit is
 # a piece of its own, and a run of spaces before a digit stays whole, as it does at a piece's end
 DIGITS_SPLIT = r"""\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"""
-LLAMA3_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+LLAMA3_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 GGUF_SPLITS = {"gpt-2": GPT2_SPLIT, "smollm": DIGITS_SPLIT, "llama-bpe": LLAMA3_SPLIT, "qwen2": QWEN2_SPLIT}
 
@@ -1035,7 +1049,8 @@ def load_tokenizer(path_or_name="gpt2"):
             enc = tiktoken.get_encoding("gpt2")
         except Exception as e:  # offline, and not yet cached
             raise FileNotFoundError(f"tiktoken cannot load its GPT-2 files ({type(e).__name__}); offline, point "
-                                    "TIKTOKEN_CACHE_DIR at a folder holding them (README.md, 'Working offline')") from None
+                                    "TIKTOKEN_CACHE_DIR at a folder holding them (README.md, 'Working offline')") \
+                from None
         enc.end_token, enc.bos_token = enc.eot_token, None
     else:
         enc = hf_tokenizer(folder)
@@ -1134,7 +1149,8 @@ def hf_split_pattern(pre, path):
 
 def byte_alphabet():
     """GPT-2's map from bytes to printable characters, in which byte-level vocabularies are written."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    spans = (("!", "~"), ("¡", "¬"), ("®", "ÿ"))
+    printable = [b for lo, hi in spans for b in range(ord(lo), ord(hi) + 1)]
     others = [b for b in range(256) if b not in printable]
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
 

@@ -602,13 +602,19 @@ def test_quantized_gguf_loads_within_its_rounding(tmp_path, qtype):
         assert ((blocks - b.reshape(-1, 32)).abs() <= step + 1e-6).all(), name
 
 
-def test_rotary_decoding_with_cache_matches_recompute():
-    model = tiny_llama()
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("shared", [0, 4])
+def test_generate_with_cache_matches_recompute(family, shared):
+    """Greedy decoding with the cache, the prompts' shared start run once and the rest left-padded
+    after it, gives what recomputing every prefix gives, and what each prompt alone gives."""
+    model = tiny_model() if family == "gpt2" else tiny_llama()
+    start = [11, 12, 13, 14][:shared]
+    prompts = [start + p for p in ([1, 2, 3], [4, 5, 6, 7, 8, 9], [10])]
     cached = model.generate(prompts, 8, stop_token=5)
     assert cached == model.generate(prompts, 8, stop_token=5, use_cache=False)
-    for p, row in zip(prompts, cached):  # left padding changes nothing, rotary positions included
+    for p, row in zip(prompts, cached):  # padding changes nothing, positions (rotary ones too) included
         assert model.generate([p], 8, stop_token=5) == [row]
+    assert any(len(row) > 1 for row in cached)  # more than one token was decoded somewhere
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3-rope", "qwen2"])
@@ -862,15 +868,6 @@ def test_twenty_gorp_steps_lower_the_loss():
     torch.nn.init.normal_(model.transformer.wte.weight, std=0.5)
     losses = train_steps(model, gorp_optimizer(model, lr=3e-2), 20)
     assert losses[-1] < 0.7 * losses[0]
-
-
-def test_generate_with_cache_matches_recompute():
-    model = tiny_model()
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]]
-    cached = model.generate(prompts, 8, stop_token=5)
-    assert cached == model.generate(prompts, 8, stop_token=5, use_cache=False)
-    for p, row in zip(prompts, cached):  # left padding changes nothing
-        assert model.generate([p], 8, stop_token=5) == [row]
 
 
 # -----------------------------------------------------------------------------

@@ -308,8 +308,8 @@ def load_base(c):
         return model, gorp.load_tokenizer("gpt2")
     try:
         return gorp.GPT.from_pretrained(init), gorp.load_tokenizer(init)
-    except (FileNotFoundError, KeyError, ValueError, ImportError) as e:
-        raise ConfigError(f"init_from {init}: {str(e).strip(chr(34))}") from None
+    except (FileNotFoundError, KeyError, ValueError, ImportError, RuntimeError) as e:  # RuntimeError: a strict load
+        raise ConfigError(f"init_from {init}: {str(e).strip(chr(34)).splitlines()[0]}") from None
 
 
 def provenance(c, model):
