@@ -1141,8 +1141,13 @@ def test_end_to_end_tiny_run(tmp_path, method):
     assert saved["precision"] == "float32"  # what auto chose, recorded: the toy's 128-wide GPT stays float32
     stats = saved["per_task"][0]
     assert stats["trainable_params"] > 0 and stats["optimizer_state_bytes"] > 0 and stats["tokens_per_second"] > 0
-    if method == "gorp":
-        assert stats["projected_params"] > 0
+    if method == "gorp":  # what the mechanisms did: both groups moved, the spaces hold directions and inputs
+        assert stats["projected_params"] > 0 and stats["moved"]["mlp.c_fc.weight"][0] > 0
+        assert stats["moved"]["attn.c_attn.BA"][1] >= stats["moved"]["attn.c_attn.BA"][0] > 0  # max >= mean > 0
+        assert stats["space"]["attn.c_attn.lora_A"][0] >= 1 and 0 < stats["coverage"]["attn.c_attn.lora_A"][0] <= 1
+        rows = train_cl.mechanism_table({"gorp": [saved]}).splitlines()
+        assert len(rows) == 2 and rows[1].startswith("gorp")
+    assert saved["provenance"]["commit"] is None or len(saved["provenance"]["commit"]) == 40
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)  # checkpoints load safely
     assert ckpt["done"] == 2 and ckpt["acc"] == results["acc"]
 
@@ -1362,14 +1367,17 @@ def test_summarize_averages_finished_runs(tmp_path):
             os.makedirs(tmp_path / f"s{seed}" / m)
             json.dump(dict(AA=aa, BWT=-aa / 2, forgetting=None if m == "mtl" else aa / 2, acc=[[aa, 0.0], [10.0, aa]]),
                       open(tmp_path / f"s{seed}" / m / "results.json", "w"))
-    table = train_cl.summary_table(train_cl.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "s2")]))
+    runs_of = train_cl.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "s2")])
+    table = train_cl.summary_table(runs_of)
     gorp_line = next(line for line in table.splitlines() if line.startswith("gorp"))
+    paired = {line.split()[0]: line.split() for line in train_cl.paired_table(runs_of).splitlines()[1:]}
+    assert paired["inclora"][1:5] == ["AA", "+0.0", "±", "0.0"] and paired["inclora"][5] == "(0/0/2)"  # level twice
     assert gorp_line.split()[1:4] == ["50.0", "±", "14.1"]
     assert gorp_line.split()[-4:-1] == ["50.0", "±", "14.1"]  # just learned: the diagonal, here (aa + aa) / 2
     assert gorp_line.split()[-1] == "2"  # runs
     shutil.rmtree(tmp_path / "s2" / "mtl")  # mtl ran once: its row averages the one run it has
-    mtl_line = next(line for line in train_cl.summary_table(train_cl.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "s2")])).splitlines()
-                    if line.startswith("mtl"))
+    runs_of = train_cl.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "s2")])
+    mtl_line = next(line for line in train_cl.summary_table(runs_of).splitlines() if line.startswith("mtl"))
     assert mtl_line.split()[1:4] == ["40.0", "±", "0.0"] and mtl_line.split()[-1] == "1"
     with pytest.raises(train_cl.ConfigError, match="holds no finished run"):
         train_cl.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "nowhere")])

@@ -726,6 +726,29 @@ def paired_table(runs_of, reference="gorp"):
     return "\n".join(lines) if len(lines) > 1 else ""
 
 
+def mechanism_table(runs_of):
+    """What the two mechanisms did, per method, from the runs that recorded it: how far a task moved
+    the full-rank weights and the adapters (|change| / |weight|, the layers' mean, over tasks and
+    runs), and at the end the shared spaces' directions per matrix and the share of the tasks'
+    layer-input energy inside LoRA A's space."""
+    mean = lambda xs: f"{sum(xs) / len(xs):.2g}" if xs else "-"  # noqa: E731
+    width, heads = max(9, max(map(len, runs_of)) + 1), ("full rank moved", "adapter moved", "A space", "W space",
+                                                            "input in A space %")
+    lines = [f"{'method':<{width}}" + "".join(f"{h:>{len(h) + 3}}" for h in heads)]
+    for m, runs in runs_of.items():
+        tasks = [t for r in runs for t in r["per_task"] if "moved" in t]
+        ends = [r["per_task"][-1] for r in runs if "moved" in r["per_task"][-1]]
+        if not tasks:
+            continue
+        moved = [(k.endswith(".BA"), v[0]) for t in tasks for k, v in t["moved"].items()]
+        space = [(k.endswith("lora_A"), v[0]) for t in ends for k, v in t["space"].items()]
+        cover = [100 * v[0] for t in ends for v in t["coverage"].values()]
+        cells = [mean([v for lora, v in moved if not lora]), mean([v for lora, v in moved if lora]),
+                 mean([v for a, v in space if a]), mean([v for a, v in space if not a]), mean(cover)]
+        lines.append(f"{m:<{width}}" + "".join(f"{x:>{len(h) + 3}}" for x, h in zip(cells, heads)))
+    return "\n".join(lines) if len(lines) > 1 else ""
+
+
 def runs_by_method(out_dirs):
     """{method: [results.json]} of every run finished in the folders (<folder>/<method>/results.json),
     METHODS first. A method is averaged over the folders that hold it (mtl, which no task order
@@ -786,7 +809,7 @@ def main(argv, log=print):
     if c["summarize"]:
         out_dirs = [d for d in c["summarize"].split(",") if d]
         runs_of = runs_by_method(out_dirs)
-        log(summary_table(runs_of) + "\n\n" + paired_table(runs_of))
+        log("\n\n".join(t for t in (summary_table(runs_of), paired_table(runs_of), mechanism_table(runs_of)) if t))
         if c["plot"]:  # the first folder's methods, one panel each, drawn from their results.json
             first = [r for runs in runs_of.values() for r in runs if r["folder"] == out_dirs[0]]
             plot_results(first, os.path.join(c["out_dir"], "forgetting.png"), log)
