@@ -322,7 +322,9 @@ def llama_memory(results):
     with torch.device("meta"):
         model = gorp.GPT(config)
         gorp.inject_lora(model, train_cl.FAMILY_PATTERNS["llama"]["lora"], c["lora_r"], c["lora_alpha"])
-        parts = train_cl.memory_estimate(c, model, train_cl.make_optimizer(c, train_cl.METHODS["gorp"], model))
+        opt = train_cl.make_optimizer(c, train_cl.METHODS["gorp"], model)
+        train_cl.hold_frozen_in_autocast_dtype(c, model)
+        parts = train_cl.memory_estimate(c, model, opt)
     results["llama2_7b_gib"] = {k: v / 2 ** 30 for k, v in parts.items()}
     print(f"\nLlama-2-7B shapes under data/llama_gpu.py (gorp, micro-batch 4 x 512, bfloat16 autocast), estimated: "
           f"{sum(parts.values()) / 2 ** 30:.1f} GiB = " + " + ".join(f"{k} {v / 2 ** 30:.1f}" for k, v in parts.items()))

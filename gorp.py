@@ -379,8 +379,10 @@ class LoRALinear(nn.Linear):
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=self.weight.device))  # (r, in)
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=self.weight.device))  # (out, r)
         self.lora_dropout = nn.Dropout(dropout)
-        # the A matrices of finished tasks, which O-LoRA keeps its new A orthogonal to
+        # the A matrices of finished tasks, which O-LoRA keeps its new A orthogonal to; and, where W
+        # is held in bfloat16, their scaled B, kept beside it because adding them in would round them off
         self.register_buffer("old_A", torch.empty(0, self.in_features, device=self.weight.device))  # (k*r, in)
+        self.register_buffer("old_B", torch.empty(self.out_features, 0, device=self.weight.device))  # (out, k*r)
         self.reset_adapter()
 
     def reset_adapter(self):
@@ -390,20 +392,29 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_B)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        key = prefix + "old_A"
-        if key in state_dict:  # a checkpoint holds as many finished tasks' A as it holds, not as we do
-            self.old_A = torch.empty_like(state_dict[key], device=self.weight.device)
+        for key in ("old_A", "old_B"):  # a checkpoint holds as many finished tasks as it holds, not as we do
+            if prefix + key in state_dict:
+                setattr(self, key, torch.empty_like(state_dict[prefix + key], device=self.weight.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x):
         out = F.linear(x, self.weight, self.bias)
+        if self.old_B.size(1):  # finished adapters not folded into a bfloat16 W
+            out = out + F.linear(F.linear(x, self.old_A), self.old_B)
         return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B) * self.scaling
 
     @torch.no_grad()
     def merge(self):
         """Fold the adapter into W (W += scaling * B A) and zero B: the layer computes the same
-        function, and the cost of a step stays constant however many tasks went before."""
-        self.weight += (self.scaling * self.lora_B.float() @ self.lora_A.float()).to(self.weight.dtype)  # (out, in)
+        function, and the cost of a step stays constant however many tasks went before. A W held in
+        bfloat16 has 8 bits of mantissa, which would round off most of an update a hundredth of W's
+        size: there the adapter is kept beside W instead (old_A, old_B), exact, at r (d_in + d_out)
+        multiply-adds a token per finished task."""
+        if self.weight.dtype == torch.float32:
+            self.weight += self.scaling * self.lora_B @ self.lora_A  # (out, in)
+        else:
+            self.old_A = torch.cat([self.old_A, self.lora_A.detach()])  # (k*r, in)
+            self.old_B = torch.cat([self.old_B, self.scaling * self.lora_B.detach()], dim=1)  # (out, k*r)
         self.lora_B.zero_()
 
 
@@ -430,7 +441,8 @@ def end_task(model, fresh_adapter=True):
     tasks, unmerged: sequential LoRA)."""
     for _, m in lora_modules(model):
         if fresh_adapter:
-            m.old_A = torch.cat([m.old_A, m.lora_A.detach().float()])
+            if m.weight.dtype == torch.float32:  # a bfloat16 W's merge keeps A itself
+                m.old_A = torch.cat([m.old_A, m.lora_A.detach()])
             m.merge()
             m.reset_adapter()
 

@@ -357,6 +357,28 @@ def test_lora_starts_as_base_model_and_merge_is_exact():
         assert m.old_A.shape == (4, 16) and torch.all(m.lora_B == 0)
 
 
+def test_a_finished_adapter_loses_nothing_beside_a_bfloat16_weight():
+    """A W held in bfloat16 (frozen, under bfloat16 autocast) keeps its finished adapter beside it:
+    the layer's exact function is unchanged to float32 precision and W is untouched, where adding
+    the update into the bfloat16 W would round away a large share of it."""
+    torch.manual_seed(0)
+    m = gorp.LoRALinear(torch.nn.Linear(64, 48), r=4, alpha=8)
+    m.weight.data = m.weight.data.to(torch.bfloat16)
+    with torch.no_grad():
+        m.lora_B.normal_(0, 1e-3)  # an update about a hundredth of W's size
+    W, delta = m.weight.clone(), m.scaling * m.lora_B.detach() @ m.lora_A.detach()  # (out, in)
+    x = torch.randn(5, 64)
+    exact = lambda: x @ (m.weight.float() + m.old_B @ m.old_A + m.scaling * m.lora_B @ m.lora_A).t()  # noqa: E731
+    before = exact()
+    gorp.end_task(model=torch.nn.Sequential(m))
+    assert torch.equal(m.weight, W) and torch.all(m.lora_B == 0) and m.old_A.shape == (4, 64)
+    assert torch.allclose(exact(), before, atol=1e-6, rtol=0)
+    rounded = (W.float() + delta).to(torch.bfloat16).float() - W.float()  # what a merge into W would keep
+    assert (rounded - delta).norm() > 0.1 * delta.norm()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward pass takes the kept adapter
+        assert torch.allclose(m(x).float(), before + m.bias, atol=0.05, rtol=0.02)
+
+
 def test_olora_l2_is_the_unsquared_norm_of_A_and_B():
     model = tiny_model()
     with torch.no_grad():
@@ -683,8 +705,9 @@ def test_a_llama2_shaped_model_runs_end_to_end(tmp_path):
     data = two_tasks(tmp_path / "data")
     (result,) = train_cl.main([f"--init_from={tmp_path / 'llama2'}", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
                                "--max_train=16", "--max_test=4", "--batch_size=8", "--grad_accum=2", "--epochs=1",
-                               "--max_len=96", "--log_every=1e9"], log=lambda s: None)
+                               "--max_len=96", "--log_every=1e9", "--dtype=bfloat16"], log=lambda s: None)
     assert len(result["acc"]) == 2 and all(a is not None for a in result["acc"][-1])
+    assert result["precision"] == "bfloat16"  # frozen matrices held in bfloat16, finished adapters beside them
     assert result["provenance"]["stored"] == "float32" and len(result["provenance"]["sha256"]) == 64
 
 
@@ -987,6 +1010,7 @@ def test_memory_estimate_matches_the_bytes_held(family, dtype):
                                              if family == "llama" else {})))
     gorp.inject_lora(model, train_cl.FAMILY_PATTERNS[family]["lora"], r=8, alpha=16)
     opt = train_cl.make_optimizer(c, train_cl.METHODS["gorp"], model)
+    train_cl.hold_frozen_in_autocast_dtype(c, model)  # bfloat16: the frozen matrices too
     estimate = train_cl.memory_estimate(c, model, opt)
     idx = torch.randint(0, 500, (4, 128), generator=torch.Generator().manual_seed(0))  # one micro-batch
     targets = torch.full_like(idx, -1)

@@ -342,7 +342,22 @@ def prepare_model(c, spec, base_state, model_args):
         make_optimizer(c, spec, model)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    hold_frozen_in_autocast_dtype(c, model)
     return model.to(c["_device"])
+
+
+@torch.no_grad()
+def hold_frozen_in_autocast_dtype(c, model):
+    """Under bfloat16 (or float16) autocast, every frozen matrix is held in that dtype: half the
+    memory, and no copy cast at every forward and kept for the backward pass. Trained weights keep
+    their float32 master copies, and so do embeddings and norms, whose outputs feed the float32
+    residual stream; a finished adapter stays beside its bfloat16 W (LoRALinear.merge)."""
+    if c["_dtype"] == "float32":
+        return
+    for m in model.modules():
+        tied = model.config.tie_embeddings and m is model.lm_head
+        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and not tied:
+            m.weight.data = m.weight.data.to(getattr(torch, c["_dtype"]))
 
 
 def pattern(c, kind, model):
@@ -356,7 +371,7 @@ def memory_estimate(c, model, opt):
     weight, and its projector); and the activations autograd keeps for one micro-batch of max_len
     tokens: per token and layer about 8 d + 3 h values (LLaMA; GPT-2 4 d + 2 h) of 4 bytes, or about
     2.25 under bfloat16 autocast (the residual stream and norms stay float32), plus there the
-    bfloat16 copies autocast makes of every matrix and keeps for the backward pass, and on a CPU
+    bfloat16 copies autocast makes of every float32 matrix and keeps for the backward pass, and on a CPU
     the (T, T) attention probabilities of its plain attention (attend). test_gorp.py checks it."""
     cfg, trained = model.config, [p for g in opt.param_groups for p in g["params"]]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -371,7 +386,7 @@ def memory_estimate(c, model, opt):
     activations = int(B * T * cfg.n_layer * per_token)
     if half:  # the matrices' bfloat16 copies, and the CPU's plain attention scores and probabilities
         activations += 2 * sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n
-                               and "wte" not in n and "wpe" not in n)
+                               and "wte" not in n and "wpe" not in n and p.dtype == torch.float32)
         activations += 2 * B * cfg.n_head * T * T * cfg.n_layer if c["_device"].type == "cpu" else 0
     return dict(weights=weights, gradients=4 * sum(p.numel() for p in trained), optimizer=state,
                 activations=activations)
@@ -559,12 +574,14 @@ def grow_spaces(c, model, opt, examples, seen):
     model.eval()
     inputs = None
     if c["space_from"] == "inputs":
-        grams = gorp.input_grams(model, sample_batches(c, examples))
+        with c["_autocast"]():
+            grams = gorp.input_grams(model, sample_batches(c, examples))
         inputs = {m.lora_A: gorp.gram_columns(G) for m, G in grams.items()}
     opt.grow_shared_space(c["space_threshold"], inputs)
     name_of = {p: n for n, p in model.named_parameters()}
     spaces = {name_of[p]: S for p, S in opt.shared_spaces().items()}
-    grams = gorp.input_grams(model, (b for t in seen for b in sample_batches(c, t)))
+    with c["_autocast"]():
+        grams = gorp.input_grams(model, (b for t in seen for b in sample_batches(c, t)))
     model.train()
     names = {m: n + ".lora_A" for n, m in gorp.lora_modules(model)}
     cover = {names[m]: gorp.coverage(spaces[names[m]], G) for m, G in grams.items() if names[m] in spaces}

@@ -29,4 +29,4 @@ weight_decay = 0.0
 inclora_lr = 2e-4
 olora_lr = 2e-4
 seqlora_lr = 2e-4
-dtype = "bfloat16"  # autocast; weights and optimizer state stay float32 (the estimate says what that costs)
+dtype = "bfloat16"  # autocast; frozen matrices held in bfloat16, trained ones and optimizer state in float32
