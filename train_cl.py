@@ -748,7 +748,7 @@ def mechanism_table(runs_of):
     the full-rank weights and the adapters (|change| / |weight|, the layers' mean, over tasks and
     runs), and at the end the shared spaces' directions per matrix and the share of the tasks'
     layer-input energy inside LoRA A's space."""
-    mean = lambda xs: f"{sum(xs) / len(xs):.2g}" if xs else "-"  # noqa: E731
+    mean = lambda xs: f"{sum(xs) / len(xs):.3g}" if xs else "-"  # noqa: E731
     width, heads = max(9, max(map(len, runs_of)) + 1), ("full rank moved", "adapter moved", "A space", "W space",
                                                             "input in A space %")
     lines = [f"{'method':<{width}}" + "".join(f"{h:>{len(h) + 3}}" for h in heads)]
