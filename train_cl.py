@@ -16,6 +16,7 @@ and forgetting (method.md §6) and writes out_dir/results.json.
 
 import ast
 import collections
+import glob
 import hashlib
 import json
 import math
@@ -108,7 +109,8 @@ seed = 1337
 compile = False  # torch.compile the training forward pass (PyTorch 2, a GPU)
 resume = False  # continue an interrupted run in out_dir from its last finished task
 plot = False  # write out_dir/forgetting.png (needs matplotlib)
-summarize = ""  # comma list of finished out_dirs: mean, spread and paired gaps per method; trains nothing
+summarize = ""  # comma list (or glob) of finished out_dirs: mean, spread and paired gaps per method; trains nothing
+reference = "gorp"  # --summarize pairs every method with this one, run by run
 log_every = 2.0  # seconds between progress lines
 CONFIG_KEYS = [k for k, v in list(globals().items()) if k[0] != "_" and isinstance(v, (int, float, bool, str))]
 # -----------------------------------------------------------------------------
@@ -824,9 +826,11 @@ def plot_results(all_results, path, log):
 def main(argv, log=print):
     c = parse_config(argv)
     if c["summarize"]:
-        out_dirs = [d for d in c["summarize"].split(",") if d]
+        patterns = [p for p in c["summarize"].split(",") if p]
+        out_dirs = [d for p in patterns for d in (sorted(glob.glob(p)) if set("*?[") & set(p) else [p])]
         runs_of = runs_by_method(out_dirs)
-        log("\n\n".join(t for t in (summary_table(runs_of), paired_table(runs_of), mechanism_table(runs_of)) if t))
+        tables = summary_table(runs_of), paired_table(runs_of, c["reference"]), mechanism_table(runs_of)
+        log("\n\n".join(t for t in tables if t))
         if c["plot"]:  # the first folder's methods, one panel each, drawn from their results.json
             first = [r for runs in runs_of.values() for r in runs if r["folder"] == out_dirs[0]]
             plot_results(first, os.path.join(c["out_dir"], "forgetting.png"), log)
