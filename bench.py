@@ -142,6 +142,7 @@ def bench_training(results):
     and GORP against the same run with projection and shared space off."""
     c = train_cl.parse_config(["--out_dir=out", "--log_every=1e9", "--max_train=256", "--epochs=1"])
     c["_device"], c["_autocast"], c["_rank"], c["_world"] = torch.device("cpu"), train_cl.nullcontext, 0, 1
+    c["_dtype"] = "float32"
     c["_toy_dir"] = c["data_dir"] = os.path.join(c["out_dir"], f"toy-{c['seed']}")
     if not os.path.isfile(os.path.join(c["_toy_dir"], "pretrain.json")):
         train_cl.toy.write_suite(c["_toy_dir"], seed=c["seed"])
@@ -236,6 +237,7 @@ def bench_smollm2(results):
     rows = {}
     for method, dtype in [("gorp", "float32"), ("inclora", "float32")] + [(m, "bfloat16") for m in train_cl.METHODS if m != "mtl"]:
         c["_autocast"] = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else train_cl.nullcontext
+        c["_dtype"] = dtype
         spec = train_cl.METHODS[method]
         model = train_cl.prepare_model(c, spec, state, args)
         opt = train_cl.make_optimizer(c, spec, model)
@@ -254,7 +256,18 @@ def bench_smollm2(results):
     for name, row in rows.items():
         print(f"  {name:<20}{row['tokens_per_s']:10,.0f}{row['trained']:16,}{row['state_bytes'] / 2 ** 20:14.1f}"
               f"{100 * row['matmul_share']:15.0f}%")
-    steps_ms = {}
+    c["_autocast"] = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    held = {}
+    for dtype in ("bfloat16", "float32"):  # gorp's frozen matrices held in bfloat16, or in float32 and cast every step
+        model = train_cl.prepare_model(dict(c, _dtype=dtype), train_cl.METHODS["gorp"], state, args)
+        opt = train_cl.make_optimizer(c, train_cl.METHODS["gorp"], model)
+        tokens, seconds = train_cl.train_task(c, model, opt, examples, train_cl.METHODS["gorp"], "bench", lambda s: None)
+        held[dtype] = tokens / seconds
+        del model, opt
+    results["smollm2 frozen matrices held in"] = held
+    print(f"  gorp bfloat16, frozen matrices held in bfloat16: {held['bfloat16']:,.0f} tokens/s; held in float32 and "
+          f"cast every step: {held['float32']:,.0f} ({held['bfloat16'] / held['float32']:.2f}x)")
+    steps_ms, c["_dtype"] = {}, "float32"
     for method in ("gorp", "inclora"):  # the optimizer step alone, real gradients held fixed
         spec = train_cl.METHODS[method]
         model = train_cl.prepare_model(c, spec, state, args)

@@ -1356,13 +1356,14 @@ def test_resuming_a_comparison_finishes_every_method(tmp_path):
 
 
 def test_two_processes_give_the_same_matrix_as_one(tmp_path):
-    """torchrun with two CPU processes (gloo) and the same global batch: the same matrix (in
-    float32: bfloat16 rounds a batch split in two differently from the whole)."""
+    """torchrun with two CPU processes (gloo), each splitting its half of the same global batch into
+    two micro-batches: the same matrix as one process taking it whole (in float32: bfloat16 rounds
+    a batch split in four differently from the whole)."""
     data = two_tasks(tmp_path / "data")
     args = [f"--data_dir={data}", *TINY_RUN, "--max_train=48", "--dtype=float32"]
     assert cli(*args, f"--out_dir={tmp_path / 'one'}").returncode == 0
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(HERE, "train_cl.py"), *args, f"--out_dir={tmp_path / 'two'}"],
+                        os.path.join(HERE, "train_cl.py"), *args, "--grad_accum=2", f"--out_dir={tmp_path / 'two'}"],
                        capture_output=True, text=True, timeout=300, cwd=HERE, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "2 process(es)" in r.stdout
