@@ -901,6 +901,7 @@ import sys
 
 import train_cl
 from data import benchmark
+from results import report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY_RUN = ["--init_from=scratch", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=96", "--max_len=96",
@@ -1169,7 +1170,7 @@ def test_end_to_end_tiny_run(tmp_path, method):
         assert stats["projected_params"] > 0 and stats["moved"]["mlp.c_fc.weight"][0] > 0
         assert stats["moved"]["attn.c_attn.BA"][1] >= stats["moved"]["attn.c_attn.BA"][0] > 0  # max >= mean > 0
         assert stats["space"]["attn.c_attn.lora_A"][0] >= 1 and 0 < stats["coverage"]["attn.c_attn.lora_A"][0] <= 1
-        rows = train_cl.mechanism_table({"gorp": [saved]}).splitlines()
+        rows = report.mechanism_table({"gorp": [saved]}).splitlines()
         assert len(rows) == 2 and rows[1].startswith("gorp")
     assert saved["provenance"]["commit"] is None or len(saved["provenance"]["commit"]) == 40
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)  # checkpoints load safely
@@ -1380,7 +1381,7 @@ def test_plot_wraps_many_runs_and_draws_partial_matrices(tmp_path):
     new = dict(acc=[[90.0, None, None], [None, 80.0, None], [50.0, 70.0, 95.0]], AA=71.7, BWT=-25.0)
     mtl = dict(acc=[[88.0, 77.0, 66.0]], AA=77.0, BWT=None)
     runs = [dict(r, method=f"m{k}", tasks=["a", "b", "c"]) for k, r in enumerate([seen, new, mtl] * 2 + [seen])]
-    train_cl.plot_results(runs, str(tmp_path / "f.png"), log=lambda s: None)
+    report.plot_results(runs, str(tmp_path / "f.png"), log=lambda s: None)
     with open(tmp_path / "f.png", "rb") as f:
         width, height = struct.unpack(">II", f.read(24)[16:24])  # the PNG header's IHDR
     assert (width, height) == (2000, 1400)
@@ -1392,17 +1393,17 @@ def test_summarize_averages_finished_runs(tmp_path):
             os.makedirs(tmp_path / f"s{seed}" / m)
             json.dump(dict(AA=aa, BWT=-aa / 2, forgetting=None if m == "mtl" else aa / 2, acc=[[aa, 0.0], [10.0, aa]]),
                       open(tmp_path / f"s{seed}" / m / "results.json", "w"))
-    runs_of = train_cl.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "s2")])
-    table = train_cl.summary_table(runs_of)
+    runs_of = report.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "s2")], train_cl.METHODS)
+    table = report.summary_table(runs_of)
     gorp_line = next(line for line in table.splitlines() if line.startswith("gorp"))
-    paired = {line.split()[0]: line.split() for line in train_cl.paired_table(runs_of).splitlines()[1:]}
+    paired = {line.split()[0]: line.split() for line in report.paired_table(runs_of).splitlines()[1:]}
     assert paired["inclora"][1:5] == ["AA", "+0.0", "±", "0.0"] and paired["inclora"][5] == "(0/0/2)"  # level twice
     assert gorp_line.split()[1:4] == ["50.0", "±", "14.1"]
     assert gorp_line.split()[-4:-1] == ["50.0", "±", "14.1"]  # just learned: the diagonal, here (aa + aa) / 2
     assert gorp_line.split()[-1] == "2"  # runs
     shutil.rmtree(tmp_path / "s2" / "mtl")  # mtl ran once: its row averages the one run it has
-    runs_of = train_cl.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "s2")])
-    mtl_line = next(line for line in train_cl.summary_table(runs_of).splitlines() if line.startswith("mtl"))
+    runs_of = report.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "s2")], train_cl.METHODS)
+    mtl_line = next(line for line in report.summary_table(runs_of).splitlines() if line.startswith("mtl"))
     assert mtl_line.split()[1:4] == ["40.0", "±", "0.0"] and mtl_line.split()[-1] == "1"
-    with pytest.raises(train_cl.ConfigError, match="holds no finished run"):
-        train_cl.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "nowhere")])
+    with pytest.raises(report.NoRuns, match="holds no finished run"):
+        report.runs_by_method([str(tmp_path / "s1"), str(tmp_path / "nowhere")], train_cl.METHODS)

@@ -16,7 +16,6 @@ and forgetting (method.md §6) and writes out_dir/results.json.
 
 import ast
 import collections
-import glob
 import hashlib
 import json
 import math
@@ -24,7 +23,6 @@ import os
 import pathlib
 import random
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -38,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import gorp  # noqa: E402
 from data import benchmark, toy  # noqa: E402
+from results import report  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # configuration: every key can be set as --key=value or in a Python config file. The defaults are
@@ -701,139 +700,12 @@ def run_method(c, tasks, base_state, model_args, enc, log):
 
 
 # -----------------------------------------------------------------------------
-# reading finished runs: the summary over seeds and orders, the paired gaps, the picture
-
-
-def learned(r):
-    """The mean accuracy on each task just after training it: what was learned, before any
-    forgetting (mtl's one row is what it learned of every task)."""
-    n = len(r["acc"][-1])
-    return sum(r["acc"][min(i, len(r["acc"]) - 1)][i] for i in range(n)) / n
-
-
-def summary_table(runs_of):
-    """{method: [results]} -> mean ± standard deviation of AA, BWT, forgetting and what was learned."""
-    width = max(9, max(len(m) + 1 for m in runs_of))  # as the ablation's, or a tuning sweep's
-    lines = [f"{'method':<{width}}{'AA':>14}{'BWT':>14}{'forgetting':>14}{'just learned':>14}   runs"]
-    for m, runs in runs_of.items():
-        cells = []
-        for key in ("AA", "BWT", "forgetting", "learned"):
-            values = [learned(r) if key == "learned" else r[key] for r in runs]
-            values = [v for v in values if v is not None]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):7.1f} ± {spread:4.1f}" if values else "-")
-        lines.append(f"{m:<{width}}" + "".join(f"{cell:>14}" for cell in cells) + f"{len(runs):7d}")
-    return "\n".join(lines)
-
-
-def paired_table(runs_of, reference="gorp"):
-    """The reference method minus each other one, run by run over the folders holding both: mean
-    and standard deviation of the gap, and in how many runs it is above zero, below it, or level."""
-    ref = {r["folder"]: r for r in runs_of.get(reference, [])}
-    lines = [f"{reference} minus each method, paired by folder: mean ± sd of the gap (runs above / below / level)"]
-    for m, runs in runs_of.items():
-        pairs = [(ref[r["folder"]], r) for r in runs if r["folder"] in ref and m != reference]
-        cells = []
-        for key in ("AA", "BWT"):
-            gaps = [a[key] - b[key] for a, b in pairs if a[key] is not None and b[key] is not None]
-            if gaps:
-                spread = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
-                signs = f"{sum(g > 0 for g in gaps)}/{sum(g < 0 for g in gaps)}/{sum(g == 0 for g in gaps)}"
-                cells.append(f"{key} {statistics.mean(gaps):+5.1f} ± {spread:4.1f} ({signs})")
-        if cells:
-            lines.append(f"  {m:<{max(9, max(map(len, runs_of)) + 1)}}" + "   ".join(cells))
-    return "\n".join(lines) if len(lines) > 1 else ""
-
-
-def mechanism_table(runs_of):
-    """What the two mechanisms did, per method, from the runs that recorded it: how far a task moved
-    the full-rank weights and the adapters (|change| / |weight|, the layers' mean, over tasks and
-    runs), and at the end the shared spaces' directions per matrix and the share of the tasks'
-    layer-input energy inside LoRA A's space."""
-    mean = lambda xs: f"{sum(xs) / len(xs):.3g}" if xs else "-"  # noqa: E731
-    width, heads = max(9, max(map(len, runs_of)) + 1), ("full rank moved", "adapter moved", "A space", "W space",
-                                                            "input in A space %")
-    lines = [f"{'method':<{width}}" + "".join(f"{h:>{len(h) + 3}}" for h in heads)]
-    for m, runs in runs_of.items():
-        tasks = [t for r in runs for t in r["per_task"] if "moved" in t]
-        ends = [r["per_task"][-1] for r in runs if "moved" in r["per_task"][-1]]
-        if not tasks:
-            continue
-        moved = [(k.endswith(".BA"), v[0]) for t in tasks for k, v in t["moved"].items()]
-        space = [(k.endswith("lora_A"), v[0]) for t in ends for k, v in t["space"].items()]
-        cover = [100 * v[0] for t in ends for v in t["coverage"].values()]
-        cells = [mean([v for lora, v in moved if not lora]), mean([v for lora, v in moved if lora]),
-                 mean([v for a, v in space if a]), mean([v for a, v in space if not a]), mean(cover)]
-        lines.append(f"{m:<{width}}" + "".join(f"{x:>{len(h) + 3}}" for x, h in zip(cells, heads)))
-    return "\n".join(lines) if len(lines) > 1 else ""
-
-
-def runs_by_method(out_dirs):
-    """{method: [results.json]} of every run finished in the folders (<folder>/<method>/results.json),
-    METHODS first. A method is averaged over the folders that hold it (mtl, which no task order
-    changes, may run once per seed); other runs (the ablation's, a sweep's) where every folder does."""
-    runs_of = collections.defaultdict(list)
-    for d in out_dirs:
-        names = sorted(e for e in os.listdir(d) if os.path.isfile(os.path.join(d, e, "results.json"))) \
-            if os.path.isdir(d) else []
-        if not names:
-            raise ConfigError(f"--summarize: {d} holds no finished run (a folder of <method>/results.json)")
-        for name in names:
-            runs_of[name].append(dict(json.load(open(os.path.join(d, name, "results.json"))), method=name, folder=d))
-    order = list(METHODS) + sorted(m for m in runs_of if m not in METHODS)
-    return {m: runs_of[m] for m in order if m in runs_of and (m in METHODS or len(runs_of[m]) == len(out_dirs))}
-
-
-def plot_results(all_results, path, log):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("--plot needs matplotlib: pip install matplotlib (the rest of the run does not)")
-        return
-    side, cols = max(4, 0.45 * len(all_results[0]["tasks"])), min(len(all_results), 5)  # 15 tasks need room
-    rows = math.ceil(len(all_results) / cols)  # each a row of matrices over a row of their curves
-    fig, axes = plt.subplots(2 * rows, cols, figsize=(side * cols, (3 + side) * rows), squeeze=False)
-    for ax in axes.flat[len(all_results):]:
-        ax.axis("off")
-    for k, r in enumerate(all_results):
-        acc, names = r["acc"], r["tasks"]
-        ax, curves = axes[2 * (k // cols)][k % cols], axes[2 * (k // cols) + 1][k % cols]
-        ax.imshow([[math.nan if a is None else a for a in row] for row in acc], vmin=0, vmax=100, cmap="viridis")
-        ax.set_title(f"{r['method']}\nAA {r['AA']:.1f}  BWT {fmt(r['BWT'])}", fontsize=9)
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(acc)), [f"after {n}" for n in (names if len(acc) > 1 else ["all"])], fontsize=8)
-        for i, row in enumerate(acc):
-            for j, a in enumerate(row):
-                if a is not None:
-                    ax.text(j, i, f"{a:.0f}", ha="center", va="center", color="w" if a < 60 else "k", fontsize=8)
-        for j, n in enumerate(names):
-            seen = [(i + 1, row[j]) for i, row in enumerate(acc) if row[j] is not None]  # the evaluated points, joined
-            colors = plt.cm.tab20 if len(names) > 10 else plt.cm.tab10
-            curves.plot(*zip(*seen), marker="o", label=n, color=colors(j % 20))
-        curves.set(ylim=(0, 100), xticks=range(1, len(acc) + 1), xlabel="tasks trained", ylabel="accuracy (%)")
-        curves.legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=100)
-    log(f"wrote {path}")
-
-
-# -----------------------------------------------------------------------------
 
 
 def main(argv, log=print):
     c = parse_config(argv)
     if c["summarize"]:
-        patterns = [p for p in c["summarize"].split(",") if p]
-        out_dirs = [d for p in patterns for d in (sorted(glob.glob(p)) if set("*?[") & set(p) else [p])]
-        runs_of = runs_by_method(out_dirs)
-        tables = summary_table(runs_of), paired_table(runs_of, c["reference"]), mechanism_table(runs_of)
-        log("\n\n".join(t for t in tables if t))
-        if c["plot"]:  # the first folder's methods, one panel each, drawn from their results.json
-            first = [r for runs in runs_of.values() for r in runs if r["folder"] == out_dirs[0]]
-            plot_results(first, os.path.join(c["out_dir"], "forgetting.png"), log)
+        report.summarize(c["summarize"].split(","), METHODS, c["reference"], c["plot"] and c["out_dir"], log)
         return []
     c["_rank"], c["_world"] = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if c["_world"] > 1 and not dist.is_initialized():  # launched by torchrun
@@ -877,9 +749,9 @@ def main(argv, log=print):
             log(f"\n=== {m} ===")
         all_results.append(run_method(mc, tasks, base_state, model_args, enc, log))
     if len(all_results) > 1:
-        log("\nall methods, same base model and data:\n" + summary_table({r["method"]: [r] for r in all_results}))
+        log("\nall methods, same base model and data:\n" + report.summary_table({r["method"]: [r] for r in all_results}))
     if c["plot"] and c["_rank"] == 0:
-        plot_results(all_results, os.path.join(c["out_dir"], "forgetting.png"), log)
+        report.plot_results(all_results, os.path.join(c["out_dir"], "forgetting.png"), log)
     if dist.is_initialized():
         dist.destroy_process_group()
     return all_results
@@ -891,7 +763,7 @@ if __name__ == "__main__":
         sys.exit(0)
     try:
         main(sys.argv[1:], log=lambda s: print(s, flush=True))
-    except (ConfigError, benchmark.DataError, NonFinite) as e:
+    except (ConfigError, benchmark.DataError, report.NoRuns, NonFinite) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
