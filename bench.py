@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 import gorp
 import train_cl
+from results import report
 
 QUICK = "--quick" in sys.argv
 REPEATS = 3 if QUICK else 7
@@ -337,7 +338,7 @@ def llama_memory(results):
         gorp.inject_lora(model, train_cl.FAMILY_PATTERNS["llama"]["lora"], c["lora_r"], c["lora_alpha"])
         opt = train_cl.make_optimizer(c, train_cl.METHODS["gorp"], model)
         train_cl.hold_frozen_in_autocast_dtype(c, model)
-        parts = train_cl.memory_estimate(c, model, opt)
+        parts = report.memory_estimate(c, model, opt)
     results["llama2_7b_gib"] = {k: v / 2 ** 30 for k, v in parts.items()}
     print(f"\nLlama-2-7B shapes under data/llama_gpu.py (gorp, micro-batch 4 x 512, bfloat16 autocast), estimated: "
           f"{sum(parts.values()) / 2 ** 30:.1f} GiB = " + " + ".join(f"{k} {v / 2 ** 30:.1f}" for k, v in parts.items()))

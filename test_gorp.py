@@ -1012,7 +1012,7 @@ def test_memory_estimate_matches_the_bytes_held(family, dtype):
     gorp.inject_lora(model, train_cl.FAMILY_PATTERNS[family]["lora"], r=8, alpha=16)
     opt = train_cl.make_optimizer(c, train_cl.METHODS["gorp"], model)
     train_cl.hold_frozen_in_autocast_dtype(c, model)  # bfloat16: the frozen matrices too
-    estimate = train_cl.memory_estimate(c, model, opt)
+    estimate = report.memory_estimate(c, model, opt)
     idx = torch.randint(0, 500, (4, 128), generator=torch.Generator().manual_seed(0))  # one micro-batch
     targets = torch.full_like(idx, -1)
     targets[:, -4:] = idx[:, -4:]
@@ -1143,7 +1143,6 @@ def test_valid_holds_out_training_examples_and_never_reads_test(tmp_path):
     c = train_cl.parse_config([f"--data_dir={root}", "--valid=True", "--max_test=6", "--max_train=0"])
     c["_toy_dir"] = None
     enc = gorp.load_tokenizer("gpt2")
-    eot = enc.end_token
     (task,) = train_cl.load_tasks(c, enc)
     train, test = ({enc.decode(p) for p, _ in task[split]} for split in ("train", "test"))
     assert len(test) == 6 and len(train) == 24 and not train & test  # disjoint, and together all 30

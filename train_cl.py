@@ -15,15 +15,12 @@ and forgetting (method.md §6) and writes out_dir/results.json.
 """
 
 import ast
-import collections
-import hashlib
 import json
 import math
 import os
 import pathlib
 import random
 import re
-import subprocess
 import sys
 import time
 import warnings
@@ -313,26 +310,6 @@ def load_base(c):
         raise ConfigError(f"init_from {init}: {str(e).strip(chr(34)).splitlines()[0]}") from None
 
 
-def provenance(c, model):
-    """What a results.json was made from: the weights' file and a digest of it, the types they were
-    stored in, the precision run, and the code's git commit (dirty: tracked files had changed)."""
-    source, digest = getattr(model, "source", None), None
-    if source:
-        path, h = source["path"], hashlib.sha256()
-        files = [path] if not os.path.isdir(path) else \
-            sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
-        for f in files:
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-        digest = h.hexdigest()
-    git = lambda *a: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *a],  # noqa: E731
-                                    capture_output=True, text=True).stdout.strip()
-    return dict(weights=source["path"] if source else c["init_from"], sha256=digest,
-                stored=source["stored"] if source else "float32", precision=c["_dtype"], commit=git("rev-parse", "HEAD")
-                or None, dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
-
-
 def prepare_model(c, spec, base_state, model_args):
     """A copy of the base model with the method's adapters."""
     model = gorp.GPT(gorp.GPTConfig(**model_args))
@@ -364,33 +341,6 @@ def hold_frozen_in_autocast_dtype(c, model):
 def pattern(c, kind, model):
     """The regex of the lora, full_rank or galore weights: the config's, or the model family's."""
     return FAMILY_PATTERNS[model.config.family][kind] if c[f"{kind}_pattern"] == "auto" else c[f"{kind}_pattern"]
-
-
-def memory_estimate(c, model, opt):
-    """Bytes a training step holds, by part, estimated from shapes before anything runs: the weights;
-    the trained weights' gradients; the optimizer state (Adam's two moments, (m, r) for a projected
-    weight, and its projector); and the activations autograd keeps for one micro-batch of max_len
-    tokens: per token and layer about 8 d + 3 h values (LLaMA; GPT-2 4 d + 2 h) of 4 bytes, or about
-    2.25 under bfloat16 autocast (the residual stream and norms stay float32), plus there the
-    bfloat16 copies autocast makes of every float32 matrix and keeps for the backward pass, and on a CPU
-    the (T, T) attention probabilities of its plain attention (attend). test_gorp.py checks it."""
-    cfg, trained = model.config, [p for g in opt.param_groups for p in g["params"]]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    state = 0
-    for g in opt.param_groups:
-        for p in g["params"]:
-            r = min(g["rank"] or 0, *p.shape) if g["rank"] else 0
-            state += 4 * (2 * r * max(p.shape) + r * min(p.shape) if r else 2 * p.numel())
-    B, T, half = math.ceil(c["batch_size"] / c["_world"] / c["grad_accum"]), c["max_len"], c["_dtype"] != "float32"
-    d, h = cfg.n_embd, cfg.n_hidden or 4 * cfg.n_embd
-    per_token = (8 * d + 3 * h if cfg.family == "llama" else 4 * d + 2 * h) * (2.25 if half else 4)
-    activations = int(B * T * cfg.n_layer * per_token)
-    if half:  # the matrices' bfloat16 copies, and the CPU's plain attention scores and probabilities
-        activations += 2 * sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n
-                               and "wte" not in n and "wpe" not in n and p.dtype == torch.float32)
-        activations += 2 * B * cfg.n_head * T * T * cfg.n_layer if c["_device"].type == "cpu" else 0
-    return dict(weights=weights, gradients=4 * sum(p.numel() for p in trained), optimizer=state,
-                activations=activations)
 
 
 def make_optimizer(c, spec, model):
@@ -534,7 +484,7 @@ def matrix_table(acc, names):
     return "\n".join(lines + [f"AA {aa:.1f}   BWT {fmt(bwt)}   forgetting {fmt(forgetting)}"])
 
 
-# What the two mechanisms did: how far each trained group moved, and how much the shared space holds
+# The shared spaces at a task's end
 
 
 def sample_batches(c, examples):
@@ -547,31 +497,9 @@ def sample_batches(c, examples):
         yield idx, torch.arange(idx.size(1), device=idx.device)[None] < lengths[:, None]  # (B, T)
 
 
-def by_kind(values):
-    """{name: value} -> {kind: [mean, max]} over the layers, a kind being a name without its layer
-    (model.layers.3.mlp.gate_proj.weight -> mlp.gate_proj.weight)."""
-    kinds = collections.defaultdict(list)
-    for name, v in values.items():
-        kinds[re.sub(r"^.*?\.\d+\.", "", name)].append(v)
-    return {k: [sum(vs) / len(vs), max(vs)] for k, vs in kinds.items()}
-
-
-@torch.no_grad()
-def movement(model, start):
-    """How far a task moved each trained group: |W - W_start| / |W_start| for the projected
-    full-rank weights, |scaling B A| / |W| for each adapter (before it is merged)."""
-    named = dict(model.named_parameters())
-    moved = {n: float((named[n] - w).norm() / w.norm()) for n, w in start.items()}
-    for n, m in gorp.lora_modules(model):
-        moved[n + ".BA"] = float(m.scaling * (m.lora_B.float() @ m.lora_A.float()).norm() / m.weight.float().norm())
-    return by_kind(moved)
-
-
 def grow_spaces(c, model, opt, examples, seen):
     """End of a task: grow the shared spaces (from the layers' inputs with space_from=inputs, GPM's
-    representation), and report their sizes and the share of the seen tasks' layer-input energy
-    that lies inside each LoRA A's space (a fixed sample of their training examples, through the
-    model now)."""
+    representation), then measure them on a fixed sample of the seen tasks (report.space_record)."""
     model.eval()
     inputs = None
     if c["space_from"] == "inputs":
@@ -579,14 +507,10 @@ def grow_spaces(c, model, opt, examples, seen):
             grams = gorp.input_grams(model, sample_batches(c, examples))
         inputs = {m.lora_A: gorp.gram_columns(G) for m, G in grams.items()}
     opt.grow_shared_space(c["space_threshold"], inputs)
-    name_of = {p: n for n, p in model.named_parameters()}
-    spaces = {name_of[p]: S for p, S in opt.shared_spaces().items()}
     with c["_autocast"]():
         grams = gorp.input_grams(model, (b for t in seen for b in sample_batches(c, t)))
     model.train()
-    names = {m: n + ".lora_A" for n, m in gorp.lora_modules(model)}
-    cover = {names[m]: gorp.coverage(spaces[names[m]], G) for m, G in grams.items() if names[m] in spaces}
-    return {n: S.cpu() for n, S in spaces.items()}, by_kind({n: S.size(1) for n, S in spaces.items()}), by_kind(cover)
+    return report.space_record(model, opt.shared_spaces(), grams)
 
 
 # -----------------------------------------------------------------------------
@@ -651,7 +575,7 @@ def run_method(c, tasks, base_state, model_args, enc, log):
         if c["fresh_A_off_space"]:
             opt.start_adapters_off_spaces()
         if i == start:
-            parts = memory_estimate(c, model, opt)
+            parts = report.memory_estimate(c, model, opt)
             log(f"memory estimate: {sum(parts.values()) / 2 ** 30:.2f} GiB = "
                 + " + ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in parts.items()) + " (micro-batch of "
                 f"{math.ceil(c['batch_size'] / c['_world'] / c['grad_accum'])} x {c['max_len']} tokens)")
@@ -663,7 +587,7 @@ def run_method(c, tasks, base_state, model_args, enc, log):
         start_weights = {n: p.detach().clone() for g in opt.param_groups if g["rank"]
                          for n, p in named.items() if any(p is q for q in g["params"])}
         tokens, seconds = train_task(c, model, opt, examples, spec, stage, log)
-        state_bytes, moved, space, cover = opt.state_bytes(), movement(model, start_weights), {}, {}
+        state_bytes, moved, space, cover = opt.state_bytes(), report.movement(model, start_weights), {}, {}
         log(f"  optimizer state {state_bytes / 2 ** 20:.2f} MB | moved (|change| / |weight|, layers' mean and max): "
             + ", ".join(f"{k} {v[0]:.1e} ({v[1]:.1e})" for k, v in moved.items()))
         if spec.get("shared") and c["shared_space"]:
@@ -735,7 +659,7 @@ def main(argv, log=print):
     precision = set_precision(c, model.config.n_embd)
     if c["init_from"] == "pretrain":  # under the chosen autocast
         model = toy.pretrain_base(c, model, enc, log, save_atomic)
-    c["_provenance"] = provenance(c, model)
+    c["_provenance"] = report.provenance(c, model)
     log(f"model {c['init_from']}: {model.config.family} family, {sum(p.numel() for p in model.parameters()):,} "
         f"parameters, {model.config.n_layer} layers x {model.config.n_embd}, weights in float32 "
         f"({c['_provenance']['weights']}, stored as {c['_provenance']['stored']}); {precision}")

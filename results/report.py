@@ -1,15 +1,108 @@
 """
-Reading finished runs: the summary of each method over seeds and orders, the paired gaps, what the
-two mechanisms did, and the picture. `python train_cl.py --summarize=DIRS` prints them; every table
-in results/README.md is its output, pasted verbatim under the command that printed it.
+What each run records about itself (its provenance, its memory, how far each part moved, the
+shared spaces), and reading finished runs: the summary of each method over seeds and orders, the
+paired gaps, what the two mechanisms did, and the picture. `python train_cl.py --summarize=DIRS`
+prints them; every table in results/README.md is its output, pasted under the command that printed it.
 """
 
 import collections
 import glob
+import hashlib
 import json
 import math
 import os
+import re
 import statistics
+import subprocess
+
+import torch
+
+import gorp
+
+
+# -----------------------------------------------------------------------------
+# what a run records about itself: its provenance, its memory, how far each part moved, its spaces
+
+
+def provenance(c, model):
+    """What a results.json was made from: the weights' file and a digest of it, the types they were
+    stored in, the precision run, and the code's git commit (dirty: tracked files had changed)."""
+    source, digest = getattr(model, "source", None), None
+    if source:
+        path, h = source["path"], hashlib.sha256()
+        files = [path] if not os.path.isdir(path) else \
+            sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
+        for f in files:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+        digest = h.hexdigest()
+    git = lambda *a: subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *a],  # noqa: E731
+                                    capture_output=True, text=True).stdout.strip()
+    return dict(weights=source["path"] if source else c["init_from"], sha256=digest,
+                stored=source["stored"] if source else "float32", precision=c["_dtype"], commit=git("rev-parse", "HEAD")
+                or None, dirty=bool(git("status", "--porcelain", "--untracked-files=no")))
+
+
+def memory_estimate(c, model, opt):
+    """Bytes a training step holds, by part, estimated from shapes before anything runs: the weights;
+    the trained weights' gradients; the optimizer state (Adam's two moments, (m, r) for a projected
+    weight, and its projector); and the activations autograd keeps for one micro-batch of max_len
+    tokens: per token and layer about 8 d + 3 h values (LLaMA; GPT-2 4 d + 2 h) of 4 bytes, or about
+    2.25 under bfloat16 autocast (the residual stream and norms stay float32), plus there the
+    bfloat16 copies autocast makes of every float32 matrix and keeps for the backward pass, and on a CPU
+    the (T, T) attention probabilities of its plain attention (attend). test_gorp.py checks it."""
+    cfg, trained = model.config, [p for g in opt.param_groups for p in g["params"]]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    state = 0
+    for g in opt.param_groups:
+        for p in g["params"]:
+            r = min(g["rank"] or 0, *p.shape) if g["rank"] else 0
+            state += 4 * (2 * r * max(p.shape) + r * min(p.shape) if r else 2 * p.numel())
+    B, T, half = math.ceil(c["batch_size"] / c["_world"] / c["grad_accum"]), c["max_len"], c["_dtype"] != "float32"
+    d, h = cfg.n_embd, cfg.n_hidden or 4 * cfg.n_embd
+    per_token = (8 * d + 3 * h if cfg.family == "llama" else 4 * d + 2 * h) * (2.25 if half else 4)
+    activations = int(B * T * cfg.n_layer * per_token)
+    if half:  # the matrices' bfloat16 copies, and the CPU's plain attention scores and probabilities
+        activations += 2 * sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n
+                               and "wte" not in n and "wpe" not in n and p.dtype == torch.float32)
+        activations += 2 * B * cfg.n_head * T * T * cfg.n_layer if c["_device"].type == "cpu" else 0
+    return dict(weights=weights, gradients=4 * sum(p.numel() for p in trained), optimizer=state,
+                activations=activations)
+
+
+def by_kind(values):
+    """{name: value} -> {kind: [mean, max]} over the layers, a kind being a name without its layer
+    (model.layers.3.mlp.gate_proj.weight -> mlp.gate_proj.weight)."""
+    kinds = collections.defaultdict(list)
+    for name, v in values.items():
+        kinds[re.sub(r"^.*?\.\d+\.", "", name)].append(v)
+    return {k: [sum(vs) / len(vs), max(vs)] for k, vs in kinds.items()}
+
+
+@torch.no_grad()
+def movement(model, start):
+    """How far a task moved each trained group: |W - W_start| / |W_start| for the projected
+    full-rank weights, |scaling B A| / |W| for each adapter (before it is merged)."""
+    named = dict(model.named_parameters())
+    moved = {n: float((named[n] - w).norm() / w.norm()) for n, w in start.items()}
+    for n, m in gorp.lora_modules(model):
+        moved[n + ".BA"] = float(m.scaling * (m.lora_B.float() @ m.lora_A.float()).norm() / m.weight.float().norm())
+    return by_kind(moved)
+
+
+def space_record(model, spaces, grams):
+    """The shared spaces by parameter name (to checkpoint), their sizes by kind, and the share of
+    the seen tasks' layer-input energy (grams: {LoRALinear: X^T X}) inside each LoRA A's space."""
+    name_of = {p: n for n, p in model.named_parameters()}
+    spaces = {name_of[p]: S for p, S in spaces.items()}
+    names = {m: n + ".lora_A" for n, m in gorp.lora_modules(model)}
+    cover = {names[m]: gorp.coverage(spaces[names[m]], G) for m, G in grams.items() if names[m] in spaces}
+    return {n: S.cpu() for n, S in spaces.items()}, by_kind({n: S.size(1) for n, S in spaces.items()}), by_kind(cover)
+
+
+# -----------------------------------------------------------------------------
+# reading finished runs
 
 
 class NoRuns(ValueError):
