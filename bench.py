@@ -127,15 +127,11 @@ def bench_optimizer_step(results, name, config):
         def ten_steps():
             for _ in range(10):
                 opt.step()
-        rows[label] = dict(step_ms=1e3 * timed(ten_steps, repeats=3 if QUICK else 5) / 10, state_bytes=state_bytes(opt))
+        rows[label] = dict(step_ms=1e3 * timed(ten_steps, repeats=3 if QUICK else 5) / 10, state_bytes=opt.state_bytes())
     results[f"optimizer step, {name}"] = rows
     print(f"\noptimizer step, {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
     for label, row in rows.items():
         print(f"  {label:<20} {row['step_ms']:9.2f} ms   state {row['state_bytes'] / 2 ** 20:8.2f} MB")
-
-
-def state_bytes(opt):
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
 
 
 def bench_training(results):
@@ -165,7 +161,7 @@ def bench_training(results):
             opt.load_shared_spaces({p: torch.linalg.qr(torch.randn(max(p.shape), 16))[0]
                                     for g in opt.param_groups if g["shared_space"] for p in g["params"]})
         tokens, seconds = train_cl.train_task(c, model, opt, examples, spec, "bench", lambda s: None)
-        return tokens / seconds, state_bytes(opt), sum(p.numel() for g in opt.param_groups for p in g["params"])
+        return tokens / seconds, opt.state_bytes(), sum(p.numel() for g in opt.param_groups for p in g["params"])
 
     rows = {}
     for method in train_cl.METHODS:
@@ -247,7 +243,7 @@ def bench_smollm2(results):
         trained_in_blocks = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".layers." in n)
         flops = (4 * block_params + 2 * trained_in_blocks) * tokens / seconds
         rows[f"{method} {dtype}"] = dict(tokens_per_s=tokens / seconds, trained=trained, matmul_share=flops / rates[dtype],
-                                         state_bytes=state_bytes(opt))
+                                         state_bytes=opt.state_bytes())
         del model, opt
     results["smollm2 training"] = rows
     results["matmul FLOP/s"] = rates

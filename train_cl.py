@@ -134,8 +134,9 @@ FAMILY_PATTERNS = {
     "llama": dict(lora=r"self_attn\.(q_proj|v_proj)$", full_rank=r"mlp\.gate_proj\.weight$",
                   galore=r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$"),
 }
-CHOICES = dict(refresh_moments=("keep", "align", "rotate"), space_from=("projected", "raw", "inputs"),
-               eval_tasks=("all", "seen", "new"), dtype=("auto", "float32", "bfloat16", "float16"))
+CHOICES = dict(method=(*METHODS, "all"), order=(0, *benchmark.ORDERS), refresh_moments=("keep", "align", "rotate"),
+               space_from=("projected", "raw", "inputs"), eval_tasks=("all", "seen", "new"),
+               dtype=("auto", "float32", "bfloat16", "float16"))
 AT_LEAST_1 = ("rank", "lora_r", "update_proj_gap", "galore_rank", "galore_update_proj_gap", "batch_size", "grad_accum",
               "eval_batch_size", "epochs", "max_len", "n_layer", "n_head", "n_embd", "block_size", "pretrain_vocab")
 
@@ -185,16 +186,12 @@ def parse_config(argv):
         if type(value) is not want:
             raise ConfigError(f"--{key} wants a {want.__name__}, got {value!r}")
         config[key] = value
-    if config["method"] not in (*METHODS, "all"):
-        raise ConfigError(f"unknown method {config['method']!r}: choose one of {', '.join(METHODS)}, all")
-    if config["order"] and config["order"] not in benchmark.ORDERS:
-        raise ConfigError(f"unknown order {config['order']}: orders are 1 to {len(benchmark.ORDERS)}")
+    for key, allowed in CHOICES.items():
+        if config[key] not in allowed:
+            raise ConfigError(f"unknown {key} {config[key]!r}: one of {', '.join(map(str, allowed))}")
     for key in AT_LEAST_1:
         if config[key] < 1:
             raise ConfigError(f"--{key} must be at least 1, got {config[key]}")
-    for key, allowed in CHOICES.items():
-        if config[key] not in allowed:
-            raise ConfigError(f"--{key} must be one of {', '.join(allowed)}, got {config[key]!r}")
     if config["init_from"] == "auto":  # the small GPT made here for the toy suite, a real model for a real benchmark
         config["init_from"] = "pretrain" if config["data_dir"] == "toy" else "smollm2"
     if not 0 < config["space_threshold"] <= 1:
@@ -673,7 +670,8 @@ def main(argv, log=print):
             log(f"\n=== {m} ===")
         all_results.append(run_method(mc, tasks, base_state, model_args, enc, log))
     if len(all_results) > 1:
-        log("\nall methods, same base model and data:\n" + report.summary_table({r["method"]: [r] for r in all_results}))
+        table = report.summary_table({r["method"]: [r] for r in all_results})
+        log("\nall methods, same base model and data:\n" + table)
     if c["plot"] and c["_rank"] == 0:
         report.plot_results(all_results, os.path.join(c["out_dir"], "forgetting.png"), log)
     if dist.is_initialized():

@@ -219,7 +219,8 @@ def plot_results(all_results, path, log):
         acc, names = r["acc"], r["tasks"]
         ax, curves = axes[2 * (k // cols)][k % cols], axes[2 * (k // cols) + 1][k % cols]
         ax.imshow([[math.nan if a is None else a for a in row] for row in acc], vmin=0, vmax=100, cmap="viridis")
-        ax.set_title(f"{r['method']}\nAA {r['AA']:.1f}  BWT {'-' if r['BWT'] is None else format(r['BWT'], '.1f')}", fontsize=9)
+        bwt = "-" if r["BWT"] is None else f"{r['BWT']:.1f}"
+        ax.set_title(f"{r['method']}\nAA {r['AA']:.1f}  BWT {bwt}", fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(acc)), [f"after {n}" for n in (names if len(acc) > 1 else ["all"])], fontsize=8)
         for i, row in enumerate(acc):
