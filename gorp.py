@@ -405,15 +405,15 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self):
-        """Fold the adapter into W (W += scaling * B A) and zero B: the layer computes the same
-        function, and the cost of a step stays constant however many tasks went before. A W held in
-        bfloat16 has 8 bits of mantissa, which would round off most of an update a hundredth of W's
-        size: there the adapter is kept beside W instead (old_A, old_B), exact, at r (d_in + d_out)
-        multiply-adds a token per finished task."""
+        """End the adapter's task: keep its A (O-LoRA keeps new ones orthogonal to it), fold it into W
+        (W += scaling * B A) and zero B, so the layer computes the same function and a step costs the
+        same however many tasks went before. A W held in bfloat16 has 8 bits of mantissa, which would
+        round off most of an update a hundredth of W's size: there B is kept beside W instead (old_B),
+        exact, at r (d_in + d_out) multiply-adds a token per finished task."""
+        self.old_A = torch.cat([self.old_A, self.lora_A.detach()])  # (k*r, in)
         if self.weight.dtype == torch.float32:
             self.weight += self.scaling * self.lora_B @ self.lora_A  # (out, in)
         else:
-            self.old_A = torch.cat([self.old_A, self.lora_A.detach()])  # (k*r, in)
             self.old_B = torch.cat([self.old_B, self.scaling * self.lora_B.detach()], dim=1)  # (out, k*r)
         self.lora_B.zero_()
 
@@ -435,16 +435,11 @@ def lora_modules(model):
 
 
 @torch.no_grad()
-def end_task(model, fresh_adapter=True):
-    """At a task boundary: keep each adapter's A for O-LoRA, fold the adapter into its weight and
-    start a fresh one for the next task (fresh_adapter=False keeps one adapter through all
-    tasks, unmerged: sequential LoRA)."""
+def end_task(model):
+    """At a task boundary: fold each adapter into its weight and start a fresh one for the next task."""
     for _, m in lora_modules(model):
-        if fresh_adapter:
-            if m.weight.dtype == torch.float32:  # a bfloat16 W's merge keeps A itself
-                m.old_A = torch.cat([m.old_A, m.lora_A.detach()])
-            m.merge()
-            m.reset_adapter()
+        m.merge()
+        m.reset_adapter()
 
 
 def olora_penalty(model):
