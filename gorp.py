@@ -647,17 +647,10 @@ class GORP(torch.optim.Optimizer):
         return exp_avg / bias1 / denom
 
     def _adam_step(self, p, group):
-        """Plain Adam(W); for LoRA's A with a shared space, gradient and update are taken off it."""
-        state, G = self.state[p], p.grad
-        S = state.get("space") if group["shared_space"] else None
-        # method.md §3, a decision: S lives on A's input side (d_in), which keeps its meaning when a
-        # fresh adapter starts; the released code keeps it in A's rank space, which does not
-        if S is not None:  # S (d_in, k): G_A <- G_A - G_A S S^T
-            self._raw_moment(state, G, group)
-            G = remove_space(G.float().t(), S).t().to(G.dtype)  # (r, d_in)
-        N = self._adam_direction(state, G, group)
-        if S is not None:  # Adam's elementwise division leaks back into S: take it off again
-            N = remove_space(N.float().t(), S).t().to(N.dtype)
+        """Plain Adam(W); for LoRA's A with a shared space, gradient and update are taken off it.
+        method.md §3, a decision: S lives on A's input side (d_in), which keeps its meaning when a
+        fresh adapter starts; the released code keeps it in A's rank space, which does not."""
+        N, S = self._adam_off_space(self.state[p], p.grad, group, right=False)  # (r, d_in)
         self._decay(p, group, S, right=False)
         p.add_(N, alpha=-group["lr"])
 
@@ -674,16 +667,22 @@ class GORP(torch.optim.Optimizer):
                 new = self._carry_moments(state, state["proj"], new, right, group["refresh_moments"])
             state["proj"] = new
         P = state["proj"]
-        R = project(G, P, right)  # (m, r) or (r, n)
-        S = state.get("space") if group["shared_space"] else None
-        if S is not None:  # take earlier tasks' directions out (method.md §2.3)
-            self._raw_moment(state, R, group)
-            R = columns(remove_space(columns(R, right), S), right)
-        N = self._adam_direction(state, R, group)
-        if S is not None:  # the elementwise division leaks back into S: take it off again
-            N = columns(remove_space(columns(N, right), S), right)
+        N, S = self._adam_off_space(state, project(G, P, right), group, right)  # (m, r) or (r, n)
         self._decay(p, group, S, right)
         add_projected_back(p, N, P, right, alpha=-group["lr"] * group["scale"])  # effective lr = lr * scale
+
+    def _adam_off_space(self, state, R, group, right):
+        """Adam's direction for the gradient R, kept off the shared space S where the group has one
+        (method.md §2.3): S is taken out of R, and out of the direction again, since Adam's
+        elementwise division leaks some of it back. Returns (direction, S or None)."""
+        S = state.get("space") if group["shared_space"] else None
+        if S is not None:
+            self._raw_moment(state, R, group)
+            R = columns(remove_space(columns(R.float(), right), S), right).to(R.dtype)
+        N = self._adam_direction(state, R, group)
+        if S is not None:
+            N = columns(remove_space(columns(N.float(), right), S), right).to(N.dtype)
+        return N, S
 
     @staticmethod
     def _carry_moments(state, old, new, right, how):
