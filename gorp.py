@@ -591,7 +591,6 @@ class GORP(torch.optim.Optimizer):
       - rank (int), update_proj_gap (T), scale (alpha): a full-rank weight trained by Adam in
         the rank-r projected space of its gradient (method.md §2); exact_svd=True for
         torch.linalg.svd instead of the hand-rolled factorisation;
-        refresh_moments (keep, align, rotate): what Adam's moments do at a refresh (_carry_moments);
       - shared_space=True: gradients and updates are projected off the parameter's shared
         space, which grow_shared_space() extends at the end of a task from the first moment of
         the gradient after (space_from=projected) or before (raw) the space is taken out. On a
@@ -602,7 +601,7 @@ class GORP(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=None,  # GaLore's
-                        update_proj_gap=200, scale=1.0, exact_svd=False, refresh_moments="keep",  # defaults
+                        update_proj_gap=200, scale=1.0, exact_svd=False,  # defaults
                         shared_space=False, space_from="projected")
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -662,10 +661,10 @@ class GORP(torch.optim.Optimizer):
         right, step = state["proj_right"], state.get("step", 0)
         if step % group["update_proj_gap"] == 0:  # refresh every T steps, counted from the task's start
             basis = top_r_basis(G.t() if right else G, group["rank"], exact=group["exact_svd"], seed=step)
-            new = basis.t() if right else basis  # (r, n) or (m, r)
-            if "exp_avg" in state:  # Adam's moments are coordinates in the old basis: see carry_moments
-                new = self._carry_moments(state, state["proj"], new, right, group["refresh_moments"])
-            state["proj"] = new
+            # Adam's moments are kept through a refresh, as GaLore and the authors keep them, though they
+            # are coordinates in the old basis: carrying them into the new one moved nothing measurable
+            # on SmolLM2 (method.md §5b; results/README.md, "Open questions, measured")
+            state["proj"] = basis.t() if right else basis  # (r, n) or (m, r)
         P = state["proj"]
         N, S = self._adam_off_space(state, project(G, P, right), group, right)  # (m, r) or (r, n)
         self._decay(p, group, S, right)
@@ -683,25 +682,6 @@ class GORP(torch.optim.Optimizer):
         if S is not None:
             N = columns(remove_space(columns(N.float(), right), S), right).to(N.dtype)
         return N, S
-
-    @staticmethod
-    def _carry_moments(state, old, new, right, how):
-        """method.md §5b. A refresh replaces the basis the moments are coordinates in: about 75% of
-        the subspace is kept at T = 10, but the vectors come back mixed, and with arbitrary signs
-        (a third or more flipped), so moments kept as they are (keep: GaLore's and the authors'
-        choice) are largely scrambled. align: flip each new vector to point as its old counterpart
-        did. rotate: carry the moments into the new basis, M <- M C with C = P_old P_new^T, the
-        (r, r) overlap of the two bases (V by C*C, so it stays a positive second moment).
-        Returns the new basis (align flips some of its vectors)."""
-        C = old @ new.t() if right else old.t() @ new  # (r, r): old vectors by new ones
-        if how == "align":
-            sign = torch.where(C.diagonal() < 0, -1.0, 1.0)  # (r,)
-            return new * sign[:, None] if right else new * sign[None, :]
-        if how == "rotate":
-            for key, carry in (("exp_avg", C), ("exp_avg_sq", C * C), ("exp_avg_raw", C)):
-                if key in state:
-                    state[key] = columns(columns(state[key], right) @ carry, right)
-        return new
 
     def _raw_moment(self, state, R, group):
         """space_from=raw: a first moment of the gradient before the shared space is taken out,
@@ -770,8 +750,7 @@ class GORP(torch.optim.Optimizer):
 
 
 def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, update_proj_gap=10, scale=1.0,
-                 shared_space=False, train_rest=False, rest_lr=None, exact_svd=False, refresh_moments="keep",
-                 space_from="projected"):
+                 shared_space=False, train_rest=False, rest_lr=None, exact_svd=False, space_from="projected"):
     """Sort a model's parameters into GORP's groups:
       - LoRA A and B of the active adapters, lr; A with the shared space if shared_space;
       - weights whose names match the regex full_rank: projected Adam at full_rank_lr;
@@ -791,7 +770,7 @@ def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, upda
     space = dict(shared_space=shared_space, space_from=space_from)
     groups = [dict(params=lora_A, lr=lr, **space), dict(params=lora_B, lr=lr),
               dict(params=projected, lr=full_rank_lr or lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                   exact_svd=exact_svd, refresh_moments=refresh_moments, **space),
+                   exact_svd=exact_svd, **space),
               dict(params=rest, lr=rest_lr or lr)]
     if full_rank and not projected:  # a pattern that matches nothing would silently train nothing at full rank
         raise ValueError(f"no matrix matches the full-rank pattern {full_rank!r} (names end in .weight)")
