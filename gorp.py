@@ -592,17 +592,16 @@ class GORP(torch.optim.Optimizer):
         the rank-r projected space of its gradient (method.md §2); exact_svd=True for
         torch.linalg.svd instead of the hand-rolled factorisation;
       - shared_space=True: gradients and updates are projected off the parameter's shared
-        space, which grow_shared_space() extends at the end of a task from the first moment of
-        the gradient after (space_from=projected) or before (raw) the space is taken out. On a
-        group without rank this is LoRA's A (the space lives on its input side, §3);
+        space, which grow_shared_space() extends at the end of a task from Adam's first moment
+        (or, for LoRA's A, from its layer's inputs: space_from=inputs). On a group without rank
+        this is LoRA's A (the space lives on its input side, §3);
       - neither: plain Adam, or AdamW with weight_decay > 0, step for step as torch's AdamW.
     Weight decay, where set, is decoupled and never acts inside the shared space.
     All state is tensors, ints and bools, so state_dict() loads with weights_only=True."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=None,  # GaLore's
-                        update_proj_gap=200, scale=1.0, exact_svd=False,  # defaults
-                        shared_space=False, space_from="projected")
+                        update_proj_gap=200, scale=1.0, exact_svd=False, shared_space=False)  # defaults
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:
@@ -676,20 +675,11 @@ class GORP(torch.optim.Optimizer):
         elementwise division leaks some of it back. Returns (direction, S or None)."""
         S = state.get("space") if group["shared_space"] else None
         if S is not None:
-            self._raw_moment(state, R, group)
             R = columns(remove_space(columns(R.float(), right), S), right).to(R.dtype)
         N = self._adam_direction(state, R, group)
         if S is not None:
             N = columns(remove_space(columns(N.float(), right), S), right).to(N.dtype)
         return N, S
-
-    def _raw_moment(self, state, R, group):
-        """space_from=raw: a first moment of the gradient before the shared space is taken out,
-        to grow the space from. The moment Adam keeps never holds S's directions, so GPM's rule
-        would find that S captures nothing of it, and every task would add directions."""
-        if group["space_from"] == "raw":
-            raw = state.setdefault("exp_avg_raw", torch.zeros_like(R))
-            raw.lerp_(R, 1 - group["betas"][0])
 
     def _decay(self, p, group, S, right):
         """Decoupled weight decay, as AdamW, but outside the shared space: decay inside it would
@@ -706,9 +696,10 @@ class GORP(torch.optim.Optimizer):
 
     def grow_shared_space(self, threshold=0.9, inputs=None):
         """At the end of a task: grow every shared-space parameter's basis from its Adam first
-        moment (method.md §4), or from the moment of the raw gradient (space_from=raw) where
-        there was a space to take out, or, for a LoRA A in `inputs` ({param: (d_in, c) columns},
-        space_from=inputs), from its layer's inputs. Returns {param: dimension of its space}."""
+        moment (method.md §4), or, for a LoRA A in `inputs` ({param: (d_in, c) columns}), from its
+        layer's inputs. The moment was built with the space taken out, so the threshold reads as a
+        share of what is new in the task (a moment of the gradient before, GPM's reading, measured
+        alike on SmolLM2; results/README.md). Returns {param: dimension of its space}."""
         sizes, inputs = {}, inputs or {}
         for group in self.param_groups:
             if not group["shared_space"]:
@@ -718,7 +709,7 @@ class GORP(torch.optim.Optimizer):
                 if "exp_avg" not in state:
                     continue  # never stepped in this task: nothing learned to protect
                 right = state.get("proj_right", False)  # a LoRA A (r, d_in) keeps its space like a left W
-                M = inputs[p] if p in inputs else columns(state.get("exp_avg_raw", state["exp_avg"]), right)
+                M = inputs[p] if p in inputs else columns(state["exp_avg"], right)
                 state["space"] = grow_space(state.get("space"), M, threshold)
                 sizes[p] = state["space"].size(1)
         return sizes
@@ -750,7 +741,7 @@ class GORP(torch.optim.Optimizer):
 
 
 def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, update_proj_gap=10, scale=1.0,
-                 shared_space=False, train_rest=False, rest_lr=None, exact_svd=False, space_from="projected"):
+                 shared_space=False, train_rest=False, rest_lr=None, exact_svd=False):
     """Sort a model's parameters into GORP's groups:
       - LoRA A and B of the active adapters, lr; A with the shared space if shared_space;
       - weights whose names match the regex full_rank: projected Adam at full_rank_lr;
@@ -767,10 +758,9 @@ def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, upda
             projected.append(p)
         elif train_rest and id(p) not in lora_base:
             rest.append(p)
-    space = dict(shared_space=shared_space, space_from=space_from)
-    groups = [dict(params=lora_A, lr=lr, **space), dict(params=lora_B, lr=lr),
+    groups = [dict(params=lora_A, lr=lr, shared_space=shared_space), dict(params=lora_B, lr=lr),
               dict(params=projected, lr=full_rank_lr or lr, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
-                   exact_svd=exact_svd, **space),
+                   exact_svd=exact_svd, shared_space=shared_space),
               dict(params=rest, lr=rest_lr or lr)]
     if full_rank and not projected:  # a pattern that matches nothing would silently train nothing at full rank
         raise ValueError(f"no matrix matches the full-rank pattern {full_rank!r} (names end in .weight)")

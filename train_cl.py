@@ -76,7 +76,7 @@ olora_lambda2 = 0.0  # O-LoRA's L2 weight on the unsquared norms of the new A an
 exact_svd = False  # torch.linalg.svd instead of the hand-rolled factorisation
 # questions the paper leaves open (method.md §5b), each a switch; results/README.md has what each measured
 fresh_A_off_space = False  # a fresh adapter's A starts off its layer's shared space, not only its updates
-space_from = "projected"  # grow the space from the moment after (projected) or before (raw) it, or LoRA A's inputs
+space_from = "projected"  # grow LoRA A's space from Adam's first moment (projected), or from its layer's inputs
 space_sample = 32  # training examples per task that space_from=inputs and the coverage figure read
 galore_rank = 8  # galore's projector rank (GORP's, so the two project alike)
 galore_update_proj_gap = 200  # galore's T, as GaLore's README trains
@@ -133,7 +133,7 @@ FAMILY_PATTERNS = {
     "llama": dict(lora=r"self_attn\.(q_proj|v_proj)$", full_rank=r"mlp\.gate_proj\.weight$",
                   galore=r"\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.weight$"),
 }
-CHOICES = dict(method=(*METHODS, "all"), order=(0, *benchmark.ORDERS), space_from=("projected", "raw", "inputs"),
+CHOICES = dict(method=(*METHODS, "all"), order=(0, *benchmark.ORDERS), space_from=("projected", "inputs"),
                eval_tasks=("all", "seen", "new"), dtype=("auto", "float32", "bfloat16", "float16"))
 AT_LEAST_1 = ("rank", "lora_r", "update_proj_gap", "galore_rank", "galore_update_proj_gap", "batch_size", "grad_accum",
               "eval_batch_size", "epochs", "max_len", "n_layer", "n_head", "n_embd", "block_size", "pretrain_vocab")
@@ -349,8 +349,7 @@ def make_optimizer(c, spec, model):
                          update_proj_gap=c["galore_update_proj_gap"])
     groups = gorp.param_groups(model, lr=lr, rest_lr=lr, full_rank=full_rank, **projector,
                                shared_space=spec.get("shared", False) and c["shared_space"],
-                               train_rest=spec.get("rest", False), exact_svd=c["exact_svd"],
-                               space_from=c["space_from"])
+                               train_rest=spec.get("rest", False), exact_svd=c["exact_svd"])
     return gorp.GORP(groups, lr=lr, betas=(0.9, 0.999), weight_decay=c["weight_decay"])
 
 
