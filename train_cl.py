@@ -491,19 +491,17 @@ def sample_batches(c, examples):
         yield idx, torch.arange(idx.size(1), device=idx.device)[None] < lengths[:, None]  # (B, T)
 
 
-def grow_spaces(c, model, opt, examples, seen):
-    """End of a task: grow the shared spaces (from the layers' inputs with space_from=inputs, GPM's
-    representation), then measure them on a fixed sample of the seen tasks (report.space_record)."""
+def grow_spaces(c, model, opt, seen):
+    """End of a task: grow the shared spaces (from the finished task's layer inputs with
+    space_from=inputs, GPM's representation), then measure them on a fixed sample of each seen
+    task, the finished one last, run through the model once (report.space_record)."""
     model.eval()
-    inputs = None
-    if c["space_from"] == "inputs":
-        with c["_autocast"]():
-            grams = gorp.input_grams(model, sample_batches(c, examples))
-        inputs = {m.lora_A: gorp.gram_columns(G) for m, G in grams.items()}
-    opt.grow_shared_space(c["space_threshold"], inputs)
     with c["_autocast"]():
-        grams = gorp.input_grams(model, (b for t in seen for b in sample_batches(c, t)))
+        per_task = [gorp.input_grams(model, sample_batches(c, t)) for t in seen]  # [{LoRALinear: (d_in, d_in)}]
     model.train()
+    inputs = {m.lora_A: gorp.gram_columns(G) for m, G in per_task[-1].items()} if c["space_from"] == "inputs" else None
+    opt.grow_shared_space(c["space_threshold"], inputs)
+    grams = {m: sum(g[m] for g in per_task) for m in per_task[-1]}
     return report.space_record(model, opt.shared_spaces(), grams)
 
 
@@ -586,7 +584,7 @@ def run_method(c, tasks, base_state, model_args, enc, log):
             + ", ".join(f"{k} {v[0]:.1e} ({v[1]:.1e})" for k, v in moved.items()))
         if spec.get("shared") and c["shared_space"]:
             seen = [examples] if spec.get("joint") else [t["train"] for t in tasks[: i + 1]]
-            spaces, space, cover = grow_spaces(c, model, opt, examples, seen)
+            spaces, space, cover = grow_spaces(c, model, opt, seen)
             log("  shared space (directions, mean and max over layers): "
                 + ", ".join(f"{k} {v[0]:.1f} ({v[1]})" for k, v in space.items())
                 + " | seen tasks' input energy inside: " + ", ".join(f"{k} {v[0]:.1%}" for k, v in cover.items()))
