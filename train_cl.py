@@ -670,6 +670,10 @@ def main(argv, log=print):
     if c["plot"] and c["_rank"] == 0:
         report.plot_results(all_results, os.path.join(c["out_dir"], "forgetting.png"), log)
     if dist.is_initialized():
+        # DDP keeps the process group and its gloo threads alive after destroy_process_group. A thread
+        # that releases a finished collective's tensors while Python shuts down aborts the process, so the
+        # last collective is a barrier, which holds no tensors, once every process has finished its work
+        dist.barrier()
         dist.destroy_process_group()
     return all_results
 
