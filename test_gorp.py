@@ -1028,15 +1028,15 @@ def test_metrics_on_a_known_matrix():
     acc = [[90.0, 10.0, 0.0],
            [60.0, 80.0, 5.0],
            [50.0, 70.0, 95.0]]
-    aa, bwt, forgetting = train_cl.metrics(acc)
+    aa, bwt, forgetting = report.metrics(acc)
     assert aa == pytest.approx((50 + 70 + 95) / 3)
     assert bwt == pytest.approx(((50 - 90) + (70 - 80)) / 2)
     assert forgetting == pytest.approx(((90 - 50) + (80 - 70)) / 2)
-    assert train_cl.metrics([[40.0, 60.0]])[1:] == (None, None)  # one row (mtl): no transfer to measure
+    assert report.metrics([[40.0, 60.0]])[1:] == (None, None)  # one row (mtl): no transfer to measure
     seen_only = [[90.0, None, None], [60.0, 80.0, None], [50.0, 70.0, 95.0]]
-    assert train_cl.metrics(seen_only) == (aa, bwt, forgetting)
+    assert report.metrics(seen_only) == (aa, bwt, forgetting)
     diagonal = [[90.0, None, None], [None, 80.0, None], [50.0, 70.0, 95.0]]
-    assert train_cl.metrics(diagonal) == (aa, bwt, None)  # a task unseen between learning and the end
+    assert report.metrics(diagonal) == (aa, bwt, None)  # a task unseen between learning and the end
 
 
 def test_prompt_format_matches_method_md():

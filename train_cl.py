@@ -449,35 +449,6 @@ def evaluated(c, spec, i, j, n):
     return j == i if c["eval_tasks"] == "new" else j <= i
 
 
-def metrics(acc):
-    """AA, BWT and forgetting of an accuracy matrix (rows: after task i; method.md §6).
-    A single row (mtl) has no backward transfer: BWT and forgetting are None; forgetting is None
-    too where a task went unevaluated between learning it and the end (eval_tasks=new)."""
-    last, n = acc[-1], len(acc[-1])
-    aa = sum(last) / n
-    if len(acc) < n or n < 2:
-        return aa, None, None
-    bwt = sum(last[j] - acc[j][j] for j in range(n - 1)) / (n - 1)
-    if any(acc[i][j] is None for j in range(n - 1) for i in range(j, n - 1)):
-        return aa, bwt, None
-    forgetting = sum(max(acc[i][j] for i in range(n - 1) if acc[i][j] is not None) - last[j] for j in range(n - 1))
-    return aa, bwt, forgetting / (n - 1)
-
-
-def fmt(x, spec=".1f"):
-    return "-" if x is None else format(x, spec)
-
-
-def matrix_table(acc, names):
-    width = max(8, max(len(n) for n in names) + 1)
-    lines = ["after task".ljust(14) + "".join(n[: width - 1].rjust(width) for n in names)]
-    for i, row in enumerate(acc):
-        label = f"{i + 1} {names[i] if len(acc) == len(names) else 'all tasks'}"[:13]
-        lines.append(label.ljust(14) + "".join(f"{fmt(a):>{width}}" for a in row))
-    aa, bwt, forgetting = metrics(acc)
-    return "\n".join(lines + [f"AA {aa:.1f}   BWT {fmt(bwt)}   forgetting {fmt(forgetting)}"])
-
-
 # The shared spaces at a task's end
 
 
@@ -603,14 +574,14 @@ def run_method(c, tasks, base_state, model_args, enc, log):
             ckpt = dict(model=model.state_dict(), spaces=spaces, acc=acc, stats=stats, done=i + 1,
                         method=c["method"], tasks=names, config=public(c))
             save_atomic(os.path.join(run_dir, "ckpt.pt"), lambda tmp: torch.save(ckpt, tmp))
-    aa, bwt, forgetting = metrics(acc)
+    aa, bwt, forgetting = report.metrics(acc)
     results = dict(method=c["method"], tasks=names, acc=acc, AA=aa, BWT=bwt, forgetting=forgetting, per_task=stats,
                    precision=c["_dtype"], provenance=c["_provenance"], config=public(c))
     if c["_rank"] == 0:
         text = json.dumps(results, indent=1)
         save_atomic(os.path.join(run_dir, "results.json"), lambda tmp: pathlib.Path(tmp).write_text(text))
     log(f"\n{c['method']}: accuracy (%) on each task (columns) after training each task (rows)\n"
-        + matrix_table(acc, names) + "\nanswers that are none of the task's labels, at the end (%): "
+        + report.matrix_table(acc, names) + "\nanswers that are none of the task's labels, at the end (%): "
         + "  ".join(f"{n} {off:.1f}" for n, off in zip(names, stats[-1]["off_label"])))
     return results
 

@@ -1,8 +1,9 @@
 """
-What each run records about itself (its provenance, its memory, how far each part moved, the
-shared spaces), and reading finished runs: the summary of each method over seeds and orders, the
-paired gaps, what the two mechanisms did, and the picture. `python train_cl.py --summarize=DIRS`
-prints them; every table in results/README.md is its output, pasted under the command that printed it.
+The forgetting table and its metrics; what each run records about itself (its provenance, its
+memory, how far each part moved, the shared spaces); and reading finished runs: the summary of each
+method over seeds and orders, the paired gaps, what the two mechanisms did, and the picture.
+`python train_cl.py --summarize=DIRS` prints them; every table in results/README.md is its output,
+pasted under the command that printed it.
 """
 
 import collections
@@ -99,6 +100,39 @@ def space_record(model, spaces, grams):
     names = {m: n + ".lora_A" for n, m in gorp.lora_modules(model)}
     cover = {names[m]: gorp.coverage(spaces[names[m]], G) for m, G in grams.items() if names[m] in spaces}
     return {n: S.cpu() for n, S in spaces.items()}, by_kind({n: S.size(1) for n, S in spaces.items()}), by_kind(cover)
+
+
+# -----------------------------------------------------------------------------
+# the forgetting table (method.md §6)
+
+
+def metrics(acc):
+    """AA, BWT and forgetting of an accuracy matrix (rows: after task i; method.md §6).
+    A single row (mtl) has no backward transfer: BWT and forgetting are None; forgetting is None
+    too where a task went unevaluated between learning it and the end (eval_tasks=new)."""
+    last, n = acc[-1], len(acc[-1])
+    aa = sum(last) / n
+    if len(acc) < n or n < 2:
+        return aa, None, None
+    bwt = sum(last[j] - acc[j][j] for j in range(n - 1)) / (n - 1)
+    if any(acc[i][j] is None for j in range(n - 1) for i in range(j, n - 1)):
+        return aa, bwt, None
+    forgetting = sum(max(acc[i][j] for i in range(n - 1) if acc[i][j] is not None) - last[j] for j in range(n - 1))
+    return aa, bwt, forgetting / (n - 1)
+
+
+def fmt(x, spec=".1f"):
+    return "-" if x is None else format(x, spec)
+
+
+def matrix_table(acc, names):
+    width = max(8, max(len(n) for n in names) + 1)
+    lines = ["after task".ljust(14) + "".join(n[: width - 1].rjust(width) for n in names)]
+    for i, row in enumerate(acc):
+        label = f"{i + 1} {names[i] if len(acc) == len(names) else 'all tasks'}"[:13]
+        lines.append(label.ljust(14) + "".join(f"{fmt(a):>{width}}" for a in row))
+    aa, bwt, forgetting = metrics(acc)
+    return "\n".join(lines + [f"AA {aa:.1f}   BWT {fmt(bwt)}   forgetting {fmt(forgetting)}"])
 
 
 # -----------------------------------------------------------------------------
@@ -219,7 +253,7 @@ def plot_results(all_results, path, log):
         acc, names = r["acc"], r["tasks"]
         ax, curves = axes[2 * (k // cols)][k % cols], axes[2 * (k // cols) + 1][k % cols]
         ax.imshow([[math.nan if a is None else a for a in row] for row in acc], vmin=0, vmax=100, cmap="viridis")
-        bwt = "-" if r["BWT"] is None else f"{r['BWT']:.1f}"
+        bwt = fmt(r["BWT"])
         ax.set_title(f"{r['method']}\nAA {r['AA']:.1f}  BWT {bwt}", fontsize=9)
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(len(acc)), [f"after {n}" for n in (names if len(acc) > 1 else ["all"])], fontsize=8)
