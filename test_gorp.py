@@ -580,7 +580,8 @@ def test_quantized_gguf_loads_within_its_rounding(tmp_path, qtype):
     loaded = gorp.GPT.from_pretrained(str(tmp_path / "q.gguf"))
     for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
         blocks = a.reshape(-1, 32)  # (blocks, 32)
-        amax, span = blocks.abs().max(1, keepdim=True).values, blocks.max(1, keepdim=True).values - blocks.min(1, keepdim=True).values
+        amax = blocks.abs().max(1, keepdim=True).values
+        span = blocks.max(1, keepdim=True).values - blocks.min(1, keepdim=True).values
         step = dict(Q8_0=amax / 127, Q4_0=amax / 8, Q4_1=span / 15)[qtype] if a.dim() == 2 else 0.0  # norms stay F32
         assert ((blocks - b.reshape(-1, 32)).abs() <= step + 1e-6).all(), name
 
@@ -626,7 +627,8 @@ def write_sentencepiece_tokenizer(folder, texts):
                                         tk.decoders.Fuse(), tk.decoders.Strip(" ", 1, 0)])
     bytes_ = [f"<0x{i:02X}>" for i in range(256)]
     texts = [text.replace("\n", " ") for text in texts]  # as LLaMA-2's: a newline is always its byte, <0x0A>
-    tok.train_from_iterator(texts, tk.trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *bytes_]))
+    trainer = tk.trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>", *bytes_])
+    tok.train_from_iterator(texts, trainer)
     tok.post_processor = tk.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     os.makedirs(folder, exist_ok=True)
     tok.save(os.path.join(folder, "tokenizer.json"))
@@ -664,9 +666,10 @@ def test_a_llama2_shaped_model_runs_end_to_end(tmp_path):
     lib = write_sentencepiece_tokenizer(tmp_path / "llama2", SP_TEXTS)
     write_llama_folder(tmp_path / "llama2", tiny_llama(vocab_size=lib.get_vocab_size(), block_size=128))
     data = two_tasks(tmp_path / "data")
-    (result,) = train_cl.main([f"--init_from={tmp_path / 'llama2'}", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}",
-                               "--max_train=16", "--max_test=4", "--batch_size=8", "--grad_accum=2", "--epochs=1",
-                               "--max_len=96", "--log_every=1e9", "--dtype=bfloat16"], log=lambda s: None)
+    (result,) = train_cl.main([f"--init_from={tmp_path / 'llama2'}", f"--data_dir={data}",
+                               f"--out_dir={tmp_path / 'out'}", "--max_train=16", "--max_test=4", "--batch_size=8",
+                               "--grad_accum=2", "--epochs=1", "--max_len=96", "--log_every=1e9", "--dtype=bfloat16"],
+                              log=lambda s: None)
     assert len(result["acc"]) == 2 and all(a is not None for a in result["acc"][-1])
     assert result["precision"] == "bfloat16"  # frozen matrices held in bfloat16, finished adapters beside them
     assert result["provenance"]["stored"] == "float32" and len(result["provenance"]["sha256"]) == 64
@@ -703,7 +706,8 @@ def test_unsupported_quantization_is_named(tmp_path, monkeypatch):
 def test_bad_model_input_is_one_line_and_exit_1(tmp_path):
     write_llama_folder(tmp_path / "no-tokenizer", tiny_llama())
     (tmp_path / "broken.gguf").write_bytes(b"GGUF" + bytes(7))
-    for folder, message in ((tmp_path / "no-tokenizer", "has no tokenizer.json"), (tmp_path / "broken.gguf", "not a readable GGUF")):
+    for folder, message in ((tmp_path / "no-tokenizer", "has no tokenizer.json"),
+                            (tmp_path / "broken.gguf", "not a readable GGUF")):
         r = cli(f"--init_from={folder}", f"--out_dir={tmp_path / 'out'}")
         assert r.returncode == 1 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
 
@@ -762,11 +766,12 @@ def test_tokenizer_json_gives_the_gguf_tokenizers_ids(tmp_path, smollm2):
     _, meta = gorp.open_gguf(gorp.resolve("smollm2"))
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     tok = dict(model=dict(type="BPE", vocab={t: i for i, t in enumerate(tokens)}, merges=meta["tokenizer.ggml.merges"]),
-               added_tokens=[dict(id=i, content=t, special=True, single_word=False, lstrip=False, rstrip=False, normalized=False)
-                             for i, t in enumerate(tokens) if types[i] != 1],
+               added_tokens=[dict(id=i, content=t, special=True, single_word=False, lstrip=False, rstrip=False,
+                                  normalized=False) for i, t in enumerate(tokens) if types[i] != 1],
                pre_tokenizer=dict(type="Sequence", pretokenizers=[dict(type="Digits", individual_digits=True),
                                   dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=True)]),
-               decoder=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=True, use_regex=True), normalizer=None, post_processor=None, version="1.0", truncation=None, padding=None)
+               decoder=dict(type="ByteLevel", add_prefix_space=True, trim_offsets=True, use_regex=True),
+               normalizer=None, post_processor=None, version="1.0", truncation=None, padding=None)
     os.makedirs(tmp_path / "smol")
     (tmp_path / "smol" / "tokenizer.json").write_text(json.dumps(tok))
     (tmp_path / "smol" / "tokenizer_config.json").write_text(json.dumps(dict(eos_token="<|im_end|>")))
@@ -800,7 +805,8 @@ def test_smollm2_matches_transformers(smollm2):
     from tokenizers import pre_tokenizers
     tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
     tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     for text in benchmark_texts(20):
         assert tok.encode(text, add_special_tokens=False) == enc.encode_ordinary(text), text
 
@@ -886,10 +892,10 @@ def two_tasks(root):
     """Two small tasks in the benchmark's layout: the sentiment and the topic of a few words."""
     words = {"good": "positive", "bad": "negative"}
     topics = {"ball": "sports", "vote": "politics"}
-    write_task(root, "SC", "mood", [dict(sentence=f"a {w} day {i}", label=l) for i in range(12) for w, l in words.items()],
-               labels=["positive", "negative"])
-    write_task(root, "TC", "topic", [dict(sentence=f"the {w} {i}", label=l) for i in range(12) for w, l in topics.items()],
-               labels=["sports", "politics"])
+    write_task(root, "SC", "mood", [dict(sentence=f"a {w} day {i}", label=l)
+                                    for i in range(12) for w, l in words.items()], labels=["positive", "negative"])
+    write_task(root, "TC", "topic", [dict(sentence=f"the {w} {i}", label=l)
+                                     for i in range(12) for w, l in topics.items()], labels=["sports", "politics"])
     return str(root)
 
 
@@ -921,7 +927,8 @@ def test_gradient_accumulation_takes_the_same_step(method):
     """One step of a batch of 8 answers of different lengths, whole or as 4 micro-batches: the
     loss weighting makes the summed gradient the whole batch's, so the update is the same."""
     def one_step(accum):
-        c = train_cl.parse_config([*TINY_RUN, "--batch_size=8", "--epochs=1", f"--grad_accum={accum}", "--grad_clip=0.0"])
+        c = train_cl.parse_config([*TINY_RUN, "--batch_size=8", "--epochs=1", f"--grad_accum={accum}",
+                                   "--grad_clip=0.0"])
         c.update(_device=torch.device("cpu"), _autocast=nullcontext, _rank=0, _world=1)
         spec = train_cl.METHODS[method]
         model = tiny_model(lora=False)
@@ -932,8 +939,8 @@ def test_gradient_accumulation_takes_the_same_step(method):
                 m.lora_B.data.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
         opt = train_cl.make_optimizer(c, spec, model)
         gen = torch.Generator().manual_seed(0)
-        examples = [(torch.randint(64, (6,), generator=gen).tolist(), torch.randint(64, (1 + i % 3,), generator=gen).tolist())
-                    for i in range(8)]
+        examples = [(torch.randint(64, (6,), generator=gen).tolist(),
+                     torch.randint(64, (1 + i % 3,), generator=gen).tolist()) for i in range(8)]
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         train_cl.train_task(c, model, opt, examples, spec, "t", log=lambda s: None)
         return {n: p.detach() - before[n] for n, p in model.named_parameters()}
@@ -999,9 +1006,11 @@ def test_unseen_tasks_left_unevaluated_change_no_metric(tmp_path):
 def test_evaluating_only_the_new_task_keeps_aa_and_bwt_and_withholds_forgetting(tmp_path):
     data = two_tasks(tmp_path / "data")
     write_task(data, "SC", "tone", [dict(sentence=f"so {w} {i}", label=l) for i in range(12)
-                                    for w, l in {"fine": "positive", "awful": "negative"}.items()], labels=["positive", "negative"])
-    run = lambda name, *args: train_cl.main([f"--data_dir={data}", f"--out_dir={tmp_path / name}", *TINY_RUN,
-                                             "--method=inclora", "--tasks=mood,topic,tone", *args], log=lambda s: None)[0]
+                                    for w, l in {"fine": "positive", "awful": "negative"}.items()],
+               labels=["positive", "negative"])
+    def run(name, *args):
+        return train_cl.main([f"--data_dir={data}", f"--out_dir={tmp_path / name}", *TINY_RUN, "--method=inclora",
+                              "--tasks=mood,topic,tone", *args], log=lambda s: None)[0]
     every, new = run("a"), run("b", "--eval_tasks=new")
     assert [row.count(None) for row in new["acc"]] == [2, 2, 0]  # the diagonal, then every task
     assert new["acc"][1][1] == every["acc"][1][1] and new["acc"][-1] == every["acc"][-1]
@@ -1067,9 +1076,11 @@ def test_long_sentence_is_cut_inside_the_sentence():
 
 def test_loader_reads_the_layout(tmp_path):
     root = tmp_path / "bench"
-    write_task(root, "TC", "news", [dict(sentence=f"s{i}", label=["a", "b"][i % 2]) for i in range(50)], labels=["a", "b"])
+    write_task(root, "TC", "news", [dict(sentence=f"s{i}", label=["a", "b"][i % 2]) for i in range(50)],
+               labels=["a", "b"])
     write_task(root, "SC", "nolabels", [dict(sentence="x", label="pos"), dict(sentence="y", label="neg")])
-    write_task(root, "COPA", "COPA", [dict(sentence="It rained. Option1: wet. Option2: dry.", label="1")], labels=["1", "2"])
+    write_task(root, "COPA", "COPA", [dict(sentence="It rained. Option1: wet. Option2: dry.", label="1")],
+               labels=["1", "2"])
     assert benchmark.find_tasks(str(root)) == {"COPA": "COPA", "nolabels": "SC", "news": "TC"}
     records, labels = benchmark.load_split(str(root), "TC", "news", "train", cap=10, seed=0)
     assert len(records) == 10 and labels == ["a", "b"] and {r["label"] for r in records} <= {"a", "b"}
@@ -1077,7 +1088,8 @@ def test_loader_reads_the_layout(tmp_path):
     assert benchmark.load_split(str(root), "SC", "nolabels", "test")[1] == ["neg", "pos"]  # from the records
     enc = gorp.load_tokenizer("gpt2")
     eot = enc.end_token
-    prompt, _ = benchmark.encode_example(enc, "COPA", "COPA", ["1", "2"], dict(sentence="It rained.", label="1"), 64, eot)
+    example = dict(sentence="It rained.", label="1")
+    prompt, _ = benchmark.encode_example(enc, "COPA", "COPA", ["1", "2"], example, 64, eot)
     assert enc.decode(prompt) == "Task:COPA\nDataset:COPA\nIt rained.\nAnswer:"
 
 
@@ -1099,7 +1111,8 @@ def test_pretraining_needs_the_toy_suites_text(tmp_path):
 
 def test_valid_holds_out_training_examples_and_never_reads_test(tmp_path):
     root = tmp_path / "bench"
-    write_task(root, "TC", "news", [dict(sentence=f"story {i}", label=["a", "b"][i % 2]) for i in range(30)], labels=["a", "b"])
+    write_task(root, "TC", "news", [dict(sentence=f"story {i}", label=["a", "b"][i % 2]) for i in range(30)],
+               labels=["a", "b"])
     (root / "TC" / "news" / "test.json").write_text("not JSON: reading it would fail")
     c = train_cl.parse_config([f"--data_dir={root}", "--valid=True", "--max_test=6", "--max_train=0"])
     c["_toy_dir"] = None
@@ -1213,7 +1226,8 @@ def bad_folder(tmp_path, kind):
 
 @pytest.mark.parametrize("kind,message", [
     ("invalid_json", "is not valid JSON"), ("no_sentence", 'lacks a "label" or a "sentence"'),
-    ("unknown_label", "no record has a label that labels.json lists"), ("empty_task", "is empty"), ("no_task", "holds no task")])
+    ("unknown_label", "no record has a label that labels.json lists"), ("empty_task", "is empty"),
+    ("no_task", "holds no task")])
 def test_bad_data_is_named(tmp_path, kind, message):
     with pytest.raises(benchmark.DataError, match=message):
         train_cl.main([f"--data_dir={bad_folder(tmp_path, kind)}", f"--out_dir={tmp_path / 'out'}", *TINY_RUN],

@@ -33,11 +33,15 @@ ORDERS = {
 INSTRUCTIONS = {
     "TC": "What is the topic of the following paragraph? Choose one from the option.\n",
     "SC": "What is the sentiment of the following paragraph? Choose one from the option.\n",
-    "NLI": 'What is the logical relationship between the "sentence 1" and the "sentence 2"? Choose one from the option.\n',
-    "QQP": 'Whether the "first sentence" and the "second sentence" have the same meaning? Choose one from the option.\n',
+    "NLI": 'What is the logical relationship between the "sentence 1" and the "sentence 2"? '
+           'Choose one from the option.\n',
+    "QQP": 'Whether the "first sentence" and the "second sentence" have the same meaning? '
+           'Choose one from the option.\n',
     "BoolQA": "According to the following passage, is the question true or false? Choose one from the option.\n",
-    "MultiRC": "According to the following passage and question, is the candidate answer true or false? Choose one from the option.\n",
-    "WiC": "Given a word and two sentences, whether the word is used with the same sense in both sentence? Choose one from the option.\n",
+    "MultiRC": "According to the following passage and question, is the candidate answer true or false? "
+               "Choose one from the option.\n",
+    "WiC": "Given a word and two sentences, whether the word is used with the same sense in both sentence? "
+           "Choose one from the option.\n",
     "COPA": "",
     # the project's built-in suite (data/toy.py): the Dataset line names the question
     "TOY": "What does the dataset ask of the following sentence? Choose one from the option.\n",
@@ -96,9 +100,11 @@ def load_split(data_dir, group, task, split, cap=0, seed=0, log=print):
     if unlisted:
         records = [r for r in records if str(r["label"]) in labels]
         if not records:
-            raise DataError(f"{path}: no record has a label that labels.json lists (they have {', '.join(map(repr, unlisted))})")
+            raise DataError(f"{path}: no record has a label that labels.json lists "
+                            f"(they have {', '.join(map(repr, unlisted))})")
         log(f"{task}: {sum(unlisted.values())} records of {split}.json left out, labelled "
-            + ", ".join(f"{label!r} ({n})" for label, n in unlisted.most_common()) + ", which labels.json does not list")
+            + ", ".join(f"{label!r} ({n})" for label, n in unlisted.most_common())
+            + ", which labels.json does not list")
     if cap and len(records) > cap:
         records = random.Random(seed).sample(records, cap)
     return [dict(sentence=r["sentence"], label=str(r["label"])) for r in records], labels
@@ -173,6 +179,6 @@ def pretraining_text(data_dir, enc, eot, max_len):
     its runs start from a pretrained model (--init_from=smollm2)."""
     path = os.path.join(data_dir, "pretrain.json")
     if not os.path.isfile(path):
-        raise DataError(f"init_from=pretrain needs text to pretrain on, and {data_dir} has no pretrain.json "
-                        "(the toy suite writes one): start from a pretrained model, --init_from=smollm2, or from scratch")
+        raise DataError(f"init_from=pretrain needs text to pretrain on, and {data_dir} has no pretrain.json (the toy "
+                        "suite writes one): start from a pretrained model, --init_from=smollm2, or from scratch")
     return [enc.encode_ordinary(s)[: max_len - 1] + [eot] for s in read_json_list(path, "sentences")]

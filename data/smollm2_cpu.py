@@ -37,4 +37,4 @@ olora_lr = 1e-3  # 1e-3: 58.8, 3e-3: 52.8 (2e-4 not run: it lost by 9 and 2 poin
 seqlora_lr = 1e-3  # 2e-4: 46.8, 1e-3: 48.0, 3e-3: 26.0 (it forgets)
 # seqft and galore train every weight: their sweeps start from the paper's T5 full-rank rate 1e-5
 ft_lr = 1e-5  # seqft, AdamW on every weight: 1e-5: 51.5, 1e-4: 40.8 (it forgets; lower was not tried)
-galore_lr = 3e-4  # galore, every weight (its matrices at 3e-4 * galore_scale 0.25): 1e-5: 29.0, 1e-4: 50.0, 3e-4: 58.0, 1e-3: 47.0
+galore_lr = 3e-4  # galore, every weight (matrices x galore_scale 0.25): 1e-5: 29.0, 1e-4: 50.0, 3e-4: 58.0, 1e-3: 47.0

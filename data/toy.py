@@ -35,7 +35,8 @@ import time
 
 COLORS = ["red", "blue", "green", "yellow", "black", "white"]
 MAMMALS, BIRDS = ["cat", "dog", "bear", "wolf", "horse", "fox"], ["owl", "duck", "crow", "swan", "hawk", "goose"]
-FRIENDLY, HOSTILE = ["helps", "meets", "greets", "thanks", "feeds", "joins"], ["bites", "fights", "scares", "attacks", "robs", "kicks"]
+FRIENDLY = ["helps", "meets", "greets", "thanks", "feeds", "joins"]
+HOSTILE = ["bites", "fights", "scares", "attacks", "robs", "kicks"]
 WATER, LAND = ["river", "lake", "sea", "pond", "shore", "bay"], ["park", "forest", "farm", "field", "city", "hill"]
 DARK, LIGHT = ["night", "dusk", "midnight"], ["noon", "dawn", "daybreak"]
 TASKS = ["friendly", "water", "bird", "night"]  # the default order
@@ -98,7 +99,8 @@ def pretrain_base(c, model, enc, log, save_atomic):
     eot = enc.end_token
     docs = pretraining_text(c["data_dir"], enc, eot, c["block_size"])
     key = dict(model=vars(model.config), iters=c["pretrain_iters"], lr=c["pretrain_lr"], seed=c["seed"],
-               batch=c["pretrain_batch_size"], vocab=c["pretrain_vocab"], n=len(docs), first=docs[0][:32], last=docs[-1][:32])
+               batch=c["pretrain_batch_size"], vocab=c["pretrain_vocab"], n=len(docs),
+               first=docs[0][:32], last=docs[-1][:32])
     digest = int(hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12], 16)
     path = os.path.join(c["out_dir"], f"base-{digest % 10 ** 10}.pt")  # named by what made it
     if os.path.isfile(path):
