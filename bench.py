@@ -87,7 +87,8 @@ def bench_projector(results):
                              speedup=t_svd / t_ours))
     results["projector"] = rows
     print("\nprojector refresh: hand-rolled top-r against torch.linalg.svd (energy: share of the exact top-r's)")
-    print(f"{'shape':>10} {'r':>3} {'energy, power law':>18} {'energy, gradient':>17} {'ours ms':>8} {'svd ms':>8} {'speedup':>8}")
+    print(f"{'shape':>10} {'r':>3} {'energy, power law':>18} {'energy, gradient':>17} "
+          f"{'ours ms':>8} {'svd ms':>8} {'speedup':>8}")
     for row in rows:
         print(f"{row['shape']:>10} {row['rank']:>3} {row['energy_power_law']:18.4f} {row['energy_gradient']:17.4f} "
               f"{row['ours_ms']:8.2f} {row['svd_ms']:8.1f} {row['speedup']:7.1f}x")
@@ -102,7 +103,8 @@ def optimizer_setups(model):
     return {
         "torch AdamW, all": torch_adamw,
         "LoRA, plain Adam": lambda: gorp.GORP(gorp.param_groups(model)),
-        "LoRA + c_fc, plain Adam": lambda: gorp.GORP(gorp.param_groups(model, full_rank=r"mlp\.c_fc\.weight$", rank=None)),
+        "LoRA + c_fc, plain Adam":
+            lambda: gorp.GORP(gorp.param_groups(model, full_rank=r"mlp\.c_fc\.weight$", rank=None)),
         "GORP": lambda: gorp.GORP(gorp.param_groups(model, full_rank=r"mlp\.c_fc\.weight$", rank=8,
                                                     update_proj_gap=10, shared_space=True)),
     }
@@ -127,7 +129,8 @@ def bench_optimizer_step(results, name, config):
         def ten_steps():
             for _ in range(10):
                 opt.step()
-        rows[label] = dict(step_ms=1e3 * timed(ten_steps, repeats=3 if QUICK else 5) / 10, state_bytes=opt.state_bytes())
+        step_ms = 1e3 * timed(ten_steps, repeats=3 if QUICK else 5) / 10
+        rows[label] = dict(step_ms=step_ms, state_bytes=gorp.GORP.state_bytes(opt))  # reads any optimizer's state
     results[f"optimizer step, {name}"] = rows
     print(f"\noptimizer step, {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
     for label, row in rows.items():
@@ -146,7 +149,7 @@ def bench_training(results):
     enc = gorp.load_tokenizer("gpt2")
     tasks = train_cl.load_tasks(c, enc)
     torch.manual_seed(0)
-    base = gorp.GPT(gorp.GPTConfig(block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"]))
+    base = gorp.GPT(gorp.GPTConfig(**{k: c[k] for k in ("block_size", "n_layer", "n_head", "n_embd")}))
     state, args = base.state_dict(), vars(base.config)
     examples = tasks[0]["train"]
 
@@ -197,11 +200,13 @@ def bench_eval(results, tasks, state, args):
     results["eval"] = {}
     for new in (8, 16):
         same = model.generate(prompts, new) == model.generate(prompts, new, use_cache=False)
-        t_cache, t_full = paired(lambda: model.generate(prompts, new), lambda: model.generate(prompts, new, use_cache=False))
+        t_cache, t_full = paired(lambda: model.generate(prompts, new),
+                                 lambda: model.generate(prompts, new, use_cache=False))
         results["eval"][new] = dict(cache_ex_per_s=len(prompts) / t_cache, recompute_ex_per_s=len(prompts) / t_full,
                                     speedup=t_full / t_cache, identical=same)
-        print(f"\ngreedy evaluation, 64 prompts of the toy suite, {new} new tokens: KV cache {len(prompts) / t_cache:,.0f} "
-              f"ex/s, recomputing the prefix {len(prompts) / t_full:,.0f} ex/s ({t_full / t_cache:.1f}x), "
+        print(f"\ngreedy evaluation, 64 prompts of the toy suite, {new} new tokens: "
+              f"KV cache {len(prompts) / t_cache:,.0f} ex/s, "
+              f"recomputing the prefix {len(prompts) / t_full:,.0f} ex/s ({t_full / t_cache:.1f}x), "
               f"identical outputs: {same}")
 
 
@@ -227,13 +232,15 @@ def bench_smollm2(results):
     state, args = base.state_dict(), vars(base.config)
     g = torch.Generator().manual_seed(0)
     steps = 2 if QUICK else 3
-    examples = [(torch.randint(0, 49152, (124,), generator=g).tolist(), torch.randint(0, 49152, (4,), generator=g).tolist())
-                for _ in range(16 * steps)]  # 16 x 128 tokens a step, the loss on 4 answer tokens each
+    tokens_of = lambda n: torch.randint(0, 49152, (n,), generator=g).tolist()  # noqa: E731
+    examples = [(tokens_of(124), tokens_of(4)) for _ in range(16 * steps)]  # 16 x 128 tokens a step, 4 answer tokens
     block_params = sum(p.numel() for n, p in base.named_parameters() if ".layers." in n)
     rates = {name: matmul_rate(getattr(torch, name)) for name in ("float32", "bfloat16")}
     rows = {}
-    for method, dtype in [("gorp", "float32"), ("inclora", "float32")] + [(m, "bfloat16") for m in train_cl.METHODS if m != "mtl"]:
-        c["_autocast"] = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else train_cl.nullcontext
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    runs = [("gorp", "float32"), ("inclora", "float32")] + [(m, "bfloat16") for m in train_cl.METHODS if m != "mtl"]
+    for method, dtype in runs:
+        c["_autocast"] = bf16 if dtype == "bfloat16" else train_cl.nullcontext
         c["_dtype"] = dtype
         spec = train_cl.METHODS[method]
         model = train_cl.prepare_model(c, spec, state, args)
@@ -242,8 +249,8 @@ def bench_smollm2(results):
         trained = sum(p.numel() for g in opt.param_groups for p in g["params"])
         trained_in_blocks = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and ".layers." in n)
         flops = (4 * block_params + 2 * trained_in_blocks) * tokens / seconds
-        rows[f"{method} {dtype}"] = dict(tokens_per_s=tokens / seconds, trained=trained, matmul_share=flops / rates[dtype],
-                                         state_bytes=opt.state_bytes())
+        rows[f"{method} {dtype}"] = dict(tokens_per_s=tokens / seconds, trained=trained,
+                                         matmul_share=flops / rates[dtype], state_bytes=opt.state_bytes())
         del model, opt
     results["smollm2 training"] = rows
     results["matmul FLOP/s"] = rates
@@ -258,7 +265,8 @@ def bench_smollm2(results):
     for dtype in ("bfloat16", "float32"):  # gorp's frozen matrices held in bfloat16, or in float32 and cast every step
         model = train_cl.prepare_model(dict(c, _dtype=dtype), train_cl.METHODS["gorp"], state, args)
         opt = train_cl.make_optimizer(c, train_cl.METHODS["gorp"], model)
-        tokens, seconds = train_cl.train_task(c, model, opt, examples, train_cl.METHODS["gorp"], "bench", lambda s: None)
+        tokens, seconds = train_cl.train_task(c, model, opt, examples, train_cl.METHODS["gorp"], "bench",
+                                              lambda s: None)
         held[dtype] = tokens / seconds
         del model, opt
     results["smollm2 frozen matrices held in"] = held
@@ -285,9 +293,11 @@ def bench_smollm2(results):
     same32 = base.generate(prompts, 4) == base.generate(prompts, 4, share_start=False)
     flops = 2 * block_params * (124 + 4) * len(prompts) / whole
     results["smollm2 eval"] = dict(ex_per_s=len(prompts) / shared, ex_per_s_whole=len(prompts) / whole,
-                                   matmul_share=flops / rates["bfloat16"], identical_float32=same32, flipped_bf16=flipped)
-    print(f"  greedy evaluation, bfloat16, 124-token prompts sharing their first 64, 4 new tokens: {len(prompts) / shared:.1f} "
-          f"examples/s with the shared start run once, {len(prompts) / whole:.1f} with every row whole "
+                                   matmul_share=flops / rates["bfloat16"], identical_float32=same32,
+                                   flipped_bf16=flipped)
+    print(f"  greedy evaluation, bfloat16, 124-token prompts sharing their first 64, 4 new tokens: "
+          f"{len(prompts) / shared:.1f} examples/s with the shared start run once, "
+          f"{len(prompts) / whole:.1f} with every row whole "
           f"({whole / shared:.2f}x; the whole rows reach {100 * flops / rates['bfloat16']:.0f}% of the matmul rate); "
           f"identical outputs in float32: {same32}; in bfloat16 {flipped} of {len(prompts)} differ")
 
@@ -309,7 +319,8 @@ def check_targets(results):
         sm = results["smollm2 training"]
         checks += [
             ("SmolLM2: bfloat16 autocast >= 2x float32 tokens/s (gorp and inclora)",
-             all(sm[f"{m} bfloat16"]["tokens_per_s"] >= 2 * sm[f"{m} float32"]["tokens_per_s"] for m in ("gorp", "inclora"))),
+             all(sm[f"{m} bfloat16"]["tokens_per_s"] >= 2 * sm[f"{m} float32"]["tokens_per_s"]
+                 for m in ("gorp", "inclora"))),
             ("SmolLM2: GORP >= 0.9x IncLoRA's tokens/s (bfloat16)",
              sm["gorp bfloat16"]["tokens_per_s"] >= 0.9 * sm["inclora bfloat16"]["tokens_per_s"]),
             ("SmolLM2: greedy eval with the shared start run once >= 1.3x every row whole, same outputs in float32",
@@ -337,7 +348,8 @@ def llama_memory(results):
         parts = report.memory_estimate(c, model, opt)
     results["llama2_7b_gib"] = {k: v / 2 ** 30 for k, v in parts.items()}
     print(f"\nLlama-2-7B shapes under data/llama_gpu.py (gorp, micro-batch 4 x 512, bfloat16 autocast), estimated: "
-          f"{sum(parts.values()) / 2 ** 30:.1f} GiB = " + " + ".join(f"{k} {v / 2 ** 30:.1f}" for k, v in parts.items()))
+          f"{sum(parts.values()) / 2 ** 30:.1f} GiB = "
+          + " + ".join(f"{k} {v / 2 ** 30:.1f}" for k, v in parts.items()))
 
 
 if __name__ == "__main__":
