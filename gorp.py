@@ -482,10 +482,8 @@ def top_r_basis(A, r, exact=False, n_iter=2, seed=0):
 
 
 def projects_right(shape):
-    """GaLore's rule for the side: project the longer side away, so R is as small as can be.
-    True (m >= n): P holds right singular vectors (r, n) and R = G P^T is (m, r).
-    False (m < n): P holds left singular vectors (m, r) and R = P^T G is (r, n).
-    The side is decided once and stored in the optimizer state, never re-derived later."""
+    """GaLore's rule: project the longer side away, so R is as small as can be. True (m >= n): P holds
+    right singular vectors (r, n), R = G P^T is (m, r); False: P is (m, r), R = P^T G is (r, n)."""
     return shape[0] >= shape[1]
 
 
@@ -497,10 +495,7 @@ def add_projected_back(W, N, P, right, alpha):
     """W += alpha * (N P) or alpha * (P N), as one fused multiply-add with no (m, n) temporary:
     a full-rank weight is read and written once per step, no more."""
     N, P = N.to(W.dtype), P.to(W.dtype)
-    if right:
-        W.addmm_(N, P, alpha=alpha)  # (m, r) @ (r, n)
-    else:
-        W.addmm_(P, N, alpha=alpha)  # (m, r) @ (r, n)
+    W.addmm_(*((N, P) if right else (P, N)), alpha=alpha)  # (m, r) @ (r, n)
 
 
 # -----------------------------------------------------------------------------
@@ -604,11 +599,11 @@ class GORP(torch.optim.Optimizer):
                         update_proj_gap=200, scale=1.0, exact_svd=False, shared_space=False)  # defaults
         super().__init__(params, defaults)
         for group in self.param_groups:
-            for p in group["params"]:
-                if (group["rank"] or group["shared_space"]) and p.dim() != 2:
+            if group["rank"] is not None and group["rank"] < 1:  # rank 0 would silently train nothing
+                raise ValueError(f"rank must be at least 1, got {group['rank']}")
+            for p in group["params"] if group["rank"] or group["shared_space"] else []:
+                if p.dim() != 2:
                     raise ValueError(f"projection needs a matrix, got a parameter of shape {tuple(p.shape)}")
-                if group["rank"] is not None and group["rank"] < 1:
-                    raise ValueError(f"rank must be at least 1, got {group['rank']}")
 
     @torch.no_grad()
     def step(self, closure=None):
