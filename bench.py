@@ -134,7 +134,7 @@ def bench_optimizer_step(results, name, config):
     results[f"optimizer step, {name}"] = rows
     print(f"\noptimizer step, {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
     for label, row in rows.items():
-        print(f"  {label:<20} {row['step_ms']:9.2f} ms   state {row['state_bytes'] / 2 ** 20:8.2f} MB")
+        print(f"  {label:<24} {row['step_ms']:9.2f} ms   state {row['state_bytes'] / 2 ** 20:8.2f} MB")
 
 
 def bench_training(results):
