@@ -1207,6 +1207,15 @@ def test_bad_input_is_one_line_and_nonzero(tmp_path):
     assert not os.path.exists(tmp_path / "out" / "results.json")
 
 
+def test_output_into_a_pipe_its_reader_closed_is_no_traceback():
+    read, write = os.pipe()
+    os.close(read)  # gone before anything is written, as `| head` leaves it once it has its lines
+    r = subprocess.run([sys.executable, os.path.join(HERE, "train_cl.py"), "--help"], stdout=write,
+                       stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(write)
+    assert r.returncode == 1 and r.stderr == ""
+
+
 def bad_folder(tmp_path, kind):
     root = tmp_path / kind
     good = [dict(sentence="a b", label="x"), dict(sentence="c d", label="y")]

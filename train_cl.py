@@ -650,11 +650,14 @@ def main(argv, log=print):
 
 
 if __name__ == "__main__":
-    if any(a in ("-h", "--help") for a in sys.argv[1:]):
-        print(config_help())
-        sys.exit(0)
     try:
-        main(sys.argv[1:], log=lambda s: print(s, flush=True))
+        if any(a in ("-h", "--help") for a in sys.argv[1:]):
+            print(config_help())
+        else:
+            main(sys.argv[1:], log=lambda s: print(s, flush=True))
+    except BrokenPipeError:  # the output's reader stopped early (| head): Python's documented remedy
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except (ConfigError, benchmark.DataError, report.NoRuns, NonFinite) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
