@@ -601,8 +601,8 @@ class GORP(torch.optim.Optimizer):
         for group in self.param_groups:
             if group["rank"] is not None and group["rank"] < 1:  # rank 0 would silently train nothing
                 raise ValueError(f"rank must be at least 1, got {group['rank']}")
-            for p in group["params"] if group["rank"] or group["shared_space"] else []:
-                if p.dim() != 2:
+            for p in group["params"]:
+                if (group["rank"] or group["shared_space"]) and p.dim() != 2:
                     raise ValueError(f"projection needs a matrix, got a parameter of shape {tuple(p.shape)}")
 
     @torch.no_grad()
