@@ -347,9 +347,8 @@ def llama_memory(results):
         train_cl.hold_frozen_in_autocast_dtype(c, model)
         parts = report.memory_estimate(c, model, opt)
     results["llama2_7b_gib"] = {k: v / 2 ** 30 for k, v in parts.items()}
-    print(f"\nLlama-2-7B shapes under data/llama_gpu.py (gorp, micro-batch 4 x 512, bfloat16 autocast), estimated: "
-          f"{sum(parts.values()) / 2 ** 30:.1f} GiB = "
-          + " + ".join(f"{k} {v / 2 ** 30:.1f}" for k, v in parts.items()))
+    print("\nLlama-2-7B shapes under data/llama_gpu.py (gorp, micro-batch 4 x 512, bfloat16 autocast), estimated: "
+          + report.gib(parts, digits=1))
 
 
 if __name__ == "__main__":

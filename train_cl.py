@@ -219,20 +219,6 @@ def load_tasks(c, enc, log=print):
                                 c["seed"], c["valid"], log) for task, group in task_list(c)]
 
 
-def collate(examples, device):
-    """Right-padded (B, T) inputs and targets; the loss falls on the answer tokens alone."""
-    T = max(len(p) + len(a) for p, a in examples) - 1
-    idx = torch.zeros(len(examples), T, dtype=torch.long)
-    targets = torch.full((len(examples), T), -1, dtype=torch.long)
-    for b, (prompt, answer) in enumerate(examples):
-        seq = prompt + answer
-        idx[b, : len(seq) - 1] = torch.tensor(seq[:-1])
-        targets[b, len(prompt) - 1: len(seq) - 1] = torch.tensor(answer)
-    if device.type == "cuda":  # pinned, so the copy need not block the host
-        idx, targets = idx.pin_memory(), targets.pin_memory()
-    return idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-
-
 # -----------------------------------------------------------------------------
 # the model
 
@@ -388,7 +374,7 @@ def train_task(c, model, opt, examples, spec, task_name, log):
             micro = [local[k::accum] for k in range(accum) if local[k::accum]]
             opt.zero_grad(set_to_none=True)
             for k, part in enumerate(micro):
-                idx, targets = collate(part, c["_device"])
+                idx, targets = benchmark.collate(part, c["_device"])
                 with c["_autocast"](), forward.no_sync() if world > 1 and k < len(micro) - 1 else nullcontext():
                     loss = forward(idx, targets)[1]
                     objective = loss * (sum(len(a) for _, a in part) * world / answer_tokens)  # alone: the loss
@@ -457,7 +443,7 @@ def sample_batches(c, examples):
     sample = examples[: c["space_sample"]]
     for i in range(0, len(sample), c["batch_size"]):
         chunk = sample[i: i + c["batch_size"]]
-        idx, _ = collate(chunk, c["_device"])
+        idx, _ = benchmark.collate(chunk, c["_device"])
         lengths = torch.tensor([len(p) + len(a) - 1 for p, a in chunk], device=idx.device)
         yield idx, torch.arange(idx.size(1), device=idx.device)[None] < lengths[:, None]  # (B, T)
 
@@ -538,9 +524,7 @@ def run_method(c, tasks, base_state, model_args, enc, log):
         if c["fresh_A_off_space"]:
             opt.start_adapters_off_spaces()
         if i == start:
-            parts = report.memory_estimate(c, model, opt)
-            log(f"memory estimate: {sum(parts.values()) / 2 ** 30:.2f} GiB = "
-                + " + ".join(f"{k} {v / 2 ** 30:.2f}" for k, v in parts.items()) + " (micro-batch of "
+            log(f"memory estimate: {report.gib(report.memory_estimate(c, model, opt))} (micro-batch of "
                 f"{math.ceil(c['batch_size'] / c['_world'] / c['grad_accum'])} x {c['max_len']} tokens)")
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
@@ -551,14 +535,10 @@ def run_method(c, tasks, base_state, model_args, enc, log):
                          for n, p in named.items() if any(p is q for q in g["params"])}
         tokens, seconds = train_task(c, model, opt, examples, spec, stage, log)
         state_bytes, moved, space, cover = opt.state_bytes(), report.movement(model, start_weights), {}, {}
-        log(f"  optimizer state {state_bytes / 2 ** 20:.2f} MB | moved (|change| / |weight|, layers' mean and max): "
-            + ", ".join(f"{k} {v[0]:.1e} ({v[1]:.1e})" for k, v in moved.items()))
         if spec.get("shared") and c["shared_space"]:
             seen = [examples] if spec.get("joint") else [t["train"] for t in tasks[: i + 1]]
             spaces, space, cover = grow_spaces(c, model, opt, seen)
-            log("  shared space (directions, mean and max over layers): "
-                + ", ".join(f"{k} {v[0]:.1f} ({v[1]})" for k, v in space.items())
-                + " | seen tasks' input energy inside: " + ", ".join(f"{k} {v[0]:.1%}" for k, v in cover.items()))
+        log(report.task_end_line(state_bytes, moved, space, cover))
         if spec["lora"] == "fresh":
             gorp.end_task(model)
         t_eval = time.time()

@@ -5,7 +5,7 @@ The continual-learning benchmark of O-LoRA (which GORP uses), read from its own 
     <data_dir>/<group>/<task>/test.json    the same (dev.json, where present, is ignored)
     <data_dir>/<group>/<task>/labels.json  the list of label strings
 
-and turned into prompts and answers as method.md section 6 specifies. The built-in toy suite
+and turned into prompts and answers as method.md section 6 specifies, and into batches. The built-in toy suite
 (data/toy.py) is written in this same layout, so one code path reads both.
 """
 
@@ -15,6 +15,8 @@ import os
 import random
 import re
 import string
+
+import torch
 
 # method.md §6: the task orders of the benchmark
 ORDERS = {
@@ -171,6 +173,21 @@ def encode_example(enc, group, task, labels, record, max_len, eot):
         raise DataError(f"max_len {max_len} leaves no room for a sentence of task {task} "
                         f"(its template and longest answer take {max_len - room})")
     return head_ids + sentence_ids[:room] + tail_ids, enc.encode_ordinary(" " + record["label"]) + [eot]
+
+
+def collate(examples, device):
+    """(prompt, answer) examples as one batch: right-padded (B, T) inputs and targets, the loss
+    falling on the answer tokens alone (target -1 elsewhere)."""
+    T = max(len(p) + len(a) for p, a in examples) - 1
+    idx = torch.zeros(len(examples), T, dtype=torch.long)
+    targets = torch.full((len(examples), T), -1, dtype=torch.long)
+    for b, (prompt, answer) in enumerate(examples):
+        seq = prompt + answer
+        idx[b, : len(seq) - 1] = torch.tensor(seq[:-1])
+        targets[b, len(prompt) - 1: len(seq) - 1] = torch.tensor(answer)
+    if device.type == "cuda":  # pinned, so the copy need not block the host
+        idx, targets = idx.pin_memory(), targets.pin_memory()
+    return idx.to(device, non_blocking=True), targets.to(device, non_blocking=True)
 
 
 def pretraining_text(data_dir, enc, eot, max_len):

@@ -72,6 +72,22 @@ def memory_estimate(c, model, opt):
                 activations=activations)
 
 
+def gib(parts, digits=2):
+    """A memory estimate on one line: its total, then each part, in GiB."""
+    return f"{sum(parts.values()) / 2 ** 30:.{digits}f} GiB = " \
+        + " + ".join(f"{k} {v / 2 ** 30:.{digits}f}" for k, v in parts.items())
+
+
+def task_end_line(state_bytes, moved, space, cover):
+    """What a task did, on one line: the optimizer state, how far each group moved, the shared spaces."""
+    line = f"  optimizer state {state_bytes / 2 ** 20:.2f} MB | moved (|change| / |weight|, layers' mean and max): " \
+        + ", ".join(f"{k} {v[0]:.1e} ({v[1]:.1e})" for k, v in moved.items())
+    return line + ("\n  shared space (directions, mean and max over layers): "
+                   + ", ".join(f"{k} {v[0]:.1f} ({v[1]})" for k, v in space.items())
+                   + " | seen tasks' input energy inside: " + ", ".join(f"{k} {v[0]:.1%}" for k, v in cover.items())
+                   if space else "")
+
+
 def by_kind(values):
     """{name: value} -> {kind: [mean, max]} over the layers, a kind being a name without its layer
     (model.layers.3.mlp.gate_proj.weight -> mlp.gate_proj.weight)."""
