@@ -5,8 +5,8 @@ The continual-learning benchmark of O-LoRA (which GORP uses), read from its own 
     <data_dir>/<group>/<task>/test.json    the same (dev.json, where present, is ignored)
     <data_dir>/<group>/<task>/labels.json  the list of label strings
 
-and turned into prompts and answers as method.md section 6 specifies, and into batches. The built-in toy suite
-(data/toy.py) is written in this same layout, so one code path reads both.
+and turned into prompts and answers as method.md section 6 specifies, then into batches. The
+built-in toy suite (data/toy.py) is written in this same layout, so one code path reads both.
 """
 
 import collections

@@ -82,10 +82,11 @@ def task_end_line(state_bytes, moved, space, cover):
     """What a task did, on one line: the optimizer state, how far each group moved, the shared spaces."""
     line = f"  optimizer state {state_bytes / 2 ** 20:.2f} MB | moved (|change| / |weight|, layers' mean and max): " \
         + ", ".join(f"{k} {v[0]:.1e} ({v[1]:.1e})" for k, v in moved.items())
-    return line + ("\n  shared space (directions, mean and max over layers): "
-                   + ", ".join(f"{k} {v[0]:.1f} ({v[1]})" for k, v in space.items())
-                   + " | seen tasks' input energy inside: " + ", ".join(f"{k} {v[0]:.1%}" for k, v in cover.items())
-                   if space else "")
+    if space:
+        line += "\n  shared space (directions, mean and max over layers): " \
+            + ", ".join(f"{k} {v[0]:.1f} ({v[1]})" for k, v in space.items()) \
+            + " | seen tasks' input energy inside: " + ", ".join(f"{k} {v[0]:.1%}" for k, v in cover.items())
+    return line
 
 
 def by_kind(values):
