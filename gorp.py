@@ -54,7 +54,6 @@ import json
 import math
 import os
 import re
-import struct
 import warnings
 from dataclasses import dataclass
 
@@ -770,8 +769,8 @@ def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, upda
 # 6. Reading checkpoints and tokenizers: Hugging Face folders, GGUF files, tiktoken encodings
 #
 # What a reader of the method can skip: how real weights and vocabularies get into GPT. Nothing
-# here downloads; README.md says how to get each model. torch alone reads safetensors; llama.cpp's
-# own `gguf` package (optional) reads .gguf files, imported only when one is loaded.
+# here downloads; README.md says how to get each model. The optional packages, safetensors for
+# Hugging Face folders and llama.cpp's `gguf` for .gguf files, are imported only when one is loaded.
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -858,12 +857,12 @@ def llama_config(hf, folder):
 
 def read_hf_weights(folder):
     """model.safetensors, sharded safetensors with their index, or pytorch_model.bin."""
-    single, index = os.path.join(folder, "model.safetensors"), os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(single):
-        return load_safetensors(single)
-    if os.path.isfile(index):
+    index = os.path.join(folder, "model.safetensors.index.json")
+    shards = ["model.safetensors"] if os.path.isfile(os.path.join(folder, "model.safetensors")) else []
+    if not shards and os.path.isfile(index):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
+    if shards:
         return {k: v for shard in shards for k, v in load_safetensors(os.path.join(folder, shard)).items()}
     if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
         try:
@@ -890,31 +889,14 @@ def gpt2_to_gorp(sd):
 
 
 def load_safetensors(path):
-    """Read a .safetensors file with torch alone: 8 bytes of header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes, read one
-    tensor at a time so a large shard is never held twice."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-    size = os.path.getsize(path)
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError(f"its header claims {n} bytes, the file holds {size}")
-            header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
-            sd = {}
-            for name, info in header.items():
-                start, end = info["data_offsets"]
-                if not 0 <= start <= end <= size - 8 - n:
-                    raise ValueError(f"tensor {name} lies outside the file")
-                f.seek(8 + n + start)
-                flat = torch.frombuffer(bytearray(f.read(end - start)), dtype=dtypes[info["dtype"]]) if end > start \
-                    else torch.empty(0, dtype=dtypes[info["dtype"]])
-                sd[name] = flat.reshape(info["shape"])
-    except (struct.error, ValueError, KeyError, RuntimeError, UnicodeDecodeError, TypeError) as e:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError("reading .safetensors files needs the safetensors package: pip install safetensors") from None
+    try:
+        return load_file(path)
+    except Exception as e:  # its SafetensorError is no ValueError, and names no file
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
-    return sd
 
 
 # GGUF: llama.cpp's names for the tensors of a LLaMA block, and Hugging Face's

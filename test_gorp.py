@@ -11,6 +11,7 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import gorp
 
@@ -386,16 +387,7 @@ def test_olora_penalty_is_zero_for_orthogonal_A():
 
 
 def write_safetensors(path, sd):
-    """A .safetensors file written with torch alone, every tensor as F32."""
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, t in sd.items():
-        data = bytes(t.float().contiguous().view(torch.uint8).flatten().tolist())  # little-endian, as x86 and ARM
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    head = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+    save_file({k: v.clone() for k, v in sd.items()}, path)  # clone: the file holds a tied weight twice
 
 
 def write_hf_checkpoint(folder, model, fmt):
