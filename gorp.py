@@ -620,17 +620,12 @@ class GORP(torch.optim.Optimizer):
                     self._adam_step(p, group)
         return loss
 
-    def _moments(self, state, like):
-        if "exp_avg" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(like, memory_format=torch.preserve_format)
-        return state["exp_avg"], state["exp_avg_sq"]
-
     def _adam_direction(self, state, R, group):
         """Adam's bias-corrected direction for gradient R: M_hat / (sqrt(V_hat) + eps)."""
+        if "exp_avg" not in state:
+            state.update(step=0, exp_avg=torch.zeros_like(R), exp_avg_sq=torch.zeros_like(R))
         beta1, beta2 = group["betas"]
-        exp_avg, exp_avg_sq = self._moments(state, R)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         state["step"] += 1
         exp_avg.lerp_(R, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1 - beta2)
