@@ -264,8 +264,9 @@ def plot_results(all_results, path, log):
     side, cols = max(4, 0.45 * len(all_results[0]["tasks"])), min(len(all_results), 5)  # 15 tasks need room
     rows = math.ceil(len(all_results) / cols)  # each a row of matrices over a row of their curves
     fig, axes = plt.subplots(2 * rows, cols, figsize=(side * cols, (3 + side) * rows), squeeze=False)
-    for ax in axes.flat[len(all_results):]:
-        ax.axis("off")
+    for k in range(len(all_results), rows * cols):  # the cells after the last method's stay empty
+        axes[2 * (k // cols)][k % cols].axis("off")
+        axes[2 * (k // cols) + 1][k % cols].axis("off")
     for k, r in enumerate(all_results):
         acc, names = r["acc"], r["tasks"]
         ax, curves = axes[2 * (k // cols)][k % cols], axes[2 * (k // cols) + 1][k % cols]
