@@ -1360,6 +1360,10 @@ def test_plot_wraps_many_runs_and_draws_partial_matrices(tmp_path):
     with open(tmp_path / "f.png", "rb") as f:
         width, height = struct.unpack(">II", f.read(24)[16:24])  # the PNG header's IHDR
     assert (width, height) == (2000, 1400)
+    import matplotlib.pyplot as plt
+    drawn = [ax.axison for ax in plt.gcf().axes]  # the 4 x 5 grid, row by row
+    assert drawn == [True] * 10 + [True, True, False, False, False] * 2  # only the cells after the seventh are blank
+    plt.close("all")
 
 
 def test_summarize_averages_finished_runs(tmp_path):
