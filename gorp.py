@@ -1,30 +1,19 @@
 r"""
 GORP: continual fine-tuning of a language model by gradient low-rank projection, in one file.
+Wang, Lyu, Sun, Jing, "Continual Gradient Low-Rank Projection Fine-Tuning for LLMs", ACL 2025
+(arXiv 2507.02503). "method.md §N" points into the project's specification of it (shared/docs).
 
-Paper: Wang, Lyu, Sun, Jing, "Continual Gradient Low-Rank Projection Fine-Tuning for LLMs",
-ACL 2025 (arXiv 2507.02503). The project's specification of it is docs/method.md in the
-shared folder; section numbers below (method.md §N) point there.
-
-A model learns tasks T1..TN one after another, with no replay. GORP trains three kinds of
-parameters at once (method.md §1):
+A model learns tasks T1..TN one after another, with no replay. GORP trains at once (§1):
   - a fresh LoRA adapter per task on the attention (cheap, low-rank, plastic);
-  - chosen full-rank weights (the MLP's c_fc; LLaMA's gate_proj), but only through Adam in a
-    rank-r projected space of their gradient, refreshed every T steps, as GaLore does (§2);
-  - nothing else: embeddings, norms and biases stay frozen.
-and it protects old tasks with a *shared gradient space*: for every trained matrix an
-orthonormal basis S of the directions earlier tasks moved along (grown at the end of each task
-from Adam's first moment, GPM-style, §4). New gradients, and the updates Adam makes of them,
-are projected off S.
+  - chosen full-rank weights (GPT-2's c_fc, LLaMA's gate_proj) through Adam in a rank-r
+    projection of their gradient, refreshed every T steps, as GaLore does (§2);
+and it protects old tasks with a *shared gradient space*: for every trained matrix, an orthonormal
+basis S of the directions earlier tasks moved along, grown at each task's end from Adam's first
+moment by GPM's rule (§4). New gradients, and Adam's updates of them, are projected off S.
 
-How the pieces fit, top to bottom:
-  1. GPT            nanoGPT's GPT in two families, GPT-2 and LLaMA, with Hugging Face's names
-                    so real checkpoints load (SmolLM2, Llama 3, Qwen2, GPT-2)
-  2. LoRALinear     an nn.Linear with one trainable low-rank adapter, merged at task end
-  3. top_r_basis    the hand-rolled top-r factorisation (randomized range finder + QR)
-  4. grow_space     the GPM energy rule that grows a shared space from a first moment
-  5. GORP           a torch.optim.Optimizer: plain AdamW, GaLore-style projected Adam, and
-                    LoRA-A steps, all with the shared space where a group asks for it
-  6. reading        Hugging Face folders, GGUF files and tokenizers: what a reader of the method skips
+Sections: 1. GPT, in two families (GPT-2; LLaMA with Hugging Face's names, so real checkpoints
+load)  2. LoRALinear  3. top_r_basis, the hand-rolled projector  4. grow_space, the shared space
+5. GORP, a torch.optim.Optimizer  6. reading checkpoints and tokenizers (a method's reader skips it).
 
 Use it from Python (a test runs this example as written):
 
@@ -62,9 +51,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
-# 1. The model: one GPT, two families. GPT-2 keeps nanoGPT's shape and GPT-2's module names;
-# the LLaMA family (SmolLM2, Llama 2 and 3, Qwen2) keeps Hugging Face's, so a checkpoint of
-# either loads one to one and the paper's regexes (self_attn.q_proj, mlp.gate_proj) apply as written.
+# 1. The model: one GPT, two families, each with its checkpoints' module names (GPT-2's; Hugging Face's
+# for SmolLM2, Llama 2 and 3, Qwen2), so weights load one to one and the paper's regexes apply as written.
 
 
 @dataclass
@@ -87,9 +75,8 @@ class GPTConfig:
 
 
 def attend(q, k, v, cache, mask, dropout):
-    """Scaled dot-product attention of q (B, nh, T, hs) on k, v (B, nkv, T, hs), after the keys
-    and values kept in cache during generation. With fewer key/value heads than query heads
-    (grouped-query attention) each is shared by nh / nkv query heads. Returns (B, T, nh * hs)."""
+    """Attention of q (B, nh, T, hs) on k, v (B, nkv, T, hs) and the cache's earlier keys and values;
+    with fewer key/value heads (grouped-query attention) each serves nh / nkv query heads."""
     if cache is not None:  # generation: keep this layer's keys and values, attend to all of them
         if "k" in cache:
             k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)  # (B, nkv, S, hs)
@@ -167,9 +154,8 @@ class RMSNorm(nn.Module):
 
 
 def rotary_frequencies(head_size, theta, scaling=()):
-    """Rotary positions' angular frequencies, one per pair of a head's channels (head_size / 2,).
-    scaling is Llama 3.1's stretch for long contexts: low frequencies slowed by `factor`, high
-    ones kept, the band between blended (its config's rope_scaling, rope_type llama3)."""
+    """Rotary angular frequencies, one per pair of a head's channels. scaling: Llama 3.1's rope_type
+    llama3, low frequencies slowed by `factor`, high ones kept, the band between blended."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_size, 2).float() / head_size)  # (hs/2,), as Hugging Face's
     if scaling:
         factor, low, high, context = scaling
@@ -268,11 +254,9 @@ class GPT(nn.Module):
         return self.transformer.wte if self.config.family == "gpt2" else self.model.embed_tokens
 
     def forward(self, idx, targets=None, pos=None, cache=None, mask=None, vocab=None):
-        """idx (B, T) token ids -> (logits, loss). Targets of -1 are ignored, so the loss can fall
-        on answer tokens alone; with targets, logits are computed only where a target is, which
-        spares the vocabulary-wide head on prompt tokens. vocab (V',) restricts the softmax to
-        those token ids (targets then index into it): pretraining on a language of a few dozen
-        tokens need not pay for all 50257. pos (B, T), cache and mask serve generate()."""
+        """idx (B, T) -> (logits, loss). Targets of -1 are ignored and get no logits, so the head
+        runs on answer tokens alone; vocab (V',) restricts the softmax to those ids (targets index
+        into it), so pretraining a tiny language spares 50257 columns. pos, cache, mask: generate's."""
         B, T = idx.size()
         if pos is None:
             assert T <= self.config.block_size, f"sequence of {T} tokens, block_size is {self.config.block_size}"
@@ -297,13 +281,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, stop_token=None, use_cache=True, share_start=True):
-        """Greedy decoding of a batch of prompts (lists of token ids of any lengths). With use_cache,
-        keys and values are kept per layer, so each new token costs one position, not the whole
-        prefix, and (share_start) the start the prompts share, a task's template, runs once for the
-        batch. The rest of each prompt is left-padded after it, so every row's next token sits in the
-        last column. Outputs equal recomputing every prefix in float32; in bfloat16 the start's keys
-        and values round otherwise, which can flip a near tie (bench.py counts how often).
-        Returns the new tokens of each prompt, up to and without stop_token."""
+        """Greedy decoding of prompts (token id lists), returning each one's new tokens before stop_token.
+        use_cache keeps keys and values, so a token costs one position; share_start runs the prompts'
+        common start (a task's template) once, the rest left-padded after it. Equal to recomputing in
+        float32; in bfloat16 the start rounds otherwise and can flip a near tie (bench.py counts)."""
         device = self.embedding.weight.device
         B, T = len(prompts), max(len(p) for p in prompts)
         assert T + max_new_tokens <= self.config.block_size, "prompt + answer longer than block_size"
@@ -312,8 +293,7 @@ class GPT(nn.Module):
         if P > 0:  # the shared start, once: its keys and values serve every row
             start = torch.tensor(prompts[0][:P], device=device)[None]  # (1, P)
             self(start, pos=torch.arange(P, device=device)[None], cache=cache)
-            for layer in cache:
-                layer["k"], layer["v"] = layer["k"].expand(B, -1, -1, -1), layer["v"].expand(B, -1, -1, -1)
+            cache = [{kv: t.expand(B, -1, -1, -1) for kv, t in layer.items()} for layer in cache]
         idx = torch.zeros(B, T, dtype=torch.long)
         valid = torch.zeros(B, T, dtype=torch.bool)
         idx[:, :P], valid[:, :P] = torch.tensor(prompts[0][:P]), True
@@ -321,7 +301,7 @@ class GPT(nn.Module):
             idx[b, T - len(p) + P:], valid[b, T - len(p) + P:] = torch.tensor(p[P:]), True
         idx, valid = idx.to(device), valid.to(device)  # (B, T): shared start, pads, the rest
         new_idx = idx[:, P:]
-        out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
+        out = []
         for _ in range(max_new_tokens):
             S, n = valid.size(1), new_idx.size(1) if use_cache else valid.size(1)  # keys, queries
             pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, S): pads share position 0
@@ -333,10 +313,8 @@ class GPT(nn.Module):
             logits, _ = self(x, pos=pos[:, -n:], cache=cache, mask=sees[:, None])
             new_idx = logits[:, -1, :].argmax(-1, keepdim=True)  # (B, 1)
             out.append(new_idx)
-            if stop_token is not None:
-                done |= new_idx[:, 0] == stop_token
-                if bool(done.all()):  # one host sync per token, to stop as soon as all rows have
-                    break
+            if stop_token is not None and bool((torch.cat(out, dim=1) == stop_token).any(1).all()):
+                break  # one host sync a token, to stop as soon as every row has ended
             idx = torch.cat([idx, new_idx], dim=1)
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
         rows = torch.cat(out, dim=1).tolist()
@@ -344,10 +322,8 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_name):
-        """A pretrained model in float32: a Hugging Face folder (GPT-2, or the LLaMA family: model_type
-        llama or qwen2, with safetensors, sharded or not, or pytorch_model.bin), a .gguf file of the
-        llama architecture, or a name: gpt2, gpt2-medium, gpt2-large, gpt2-xl or smollm2 (section 6,
-        resolve). Nothing is ever downloaded; README.md says how to get each model."""
+        """A pretrained model in float32 from a Hugging Face folder, a llama .gguf file or a name
+        (section 6, resolve). Nothing is downloaded; README.md says how to get each model."""
         config, sd, stored = read_checkpoint(path_or_name)
         model = cls(config)
         model.source = dict(path=os.path.abspath(resolve(path_or_name)), stored=stored)  # results.json's provenance
@@ -371,9 +347,7 @@ class LoRALinear(nn.Linear):
         super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
                          device=base.weight.device, dtype=base.weight.dtype)
         self.weight, self.bias = base.weight, base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        self.requires_grad_(False)  # W and b; the adapter's A and B, made next, train
         self.r, self.scaling = r, alpha / r
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=self.weight.device))  # (r, in)
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r, device=self.weight.device))  # (out, r)
@@ -385,8 +359,7 @@ class LoRALinear(nn.Linear):
         self.reset_adapter()
 
     def reset_adapter(self):
-        """A fresh adapter: A as nn.Linear initialises its weight (kaiming), B = 0, so the
-        adapted layer starts out exactly equal to the base layer."""
+        """A fresh adapter: A as nn.Linear initialises a weight, B = 0, so the layer starts as its base."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
@@ -404,11 +377,9 @@ class LoRALinear(nn.Linear):
 
     @torch.no_grad()
     def merge(self):
-        """End the adapter's task: keep its A (O-LoRA keeps new ones orthogonal to it), fold it into W
-        (W += scaling * B A) and zero B, so the layer computes the same function and a step costs the
-        same however many tasks went before. A W held in bfloat16 has 8 bits of mantissa, which would
-        round off most of an update a hundredth of W's size: there B is kept beside W instead (old_B),
-        exact, at r (d_in + d_out) multiply-adds a token per finished task."""
+        """End the adapter's task: keep its A (O-LoRA's new ones stay orthogonal to it), fold it into
+        W += scaling * B A and zero B, so a step costs the same however many tasks went before. A W in
+        bfloat16 (8 bits of mantissa) would round most of such an update off: there B stays beside W."""
         self.old_A = torch.cat([self.old_A, self.lora_A.detach()])  # (k*r, in)
         if self.weight.dtype == torch.float32:
             self.weight += self.scaling * self.lora_B @ self.lora_A  # (out, in)
@@ -458,13 +429,11 @@ def olora_l2(model):
 
 
 def top_r_basis(A, r, exact=False, n_iter=2, seed=0):
-    """An orthonormal (m, r) basis of the top-r left singular subspace of A (m, n), in float32.
-    Default: a randomized range finder (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1):
-    sketch A with r + p random directions, sharpen the sketch with power iterations, each
-    re-orthonormalised by QR so small singular values survive in float32, then an exact SVD
-    of the small (r+p, n) matrix Q^T A. Cost O(m n r) instead of the O(m n min(m, n)) of a
-    full SVD. exact=True uses torch.linalg.svd. r is clamped to min(m, n). NaN and Inf are
-    read as 0, so a bad gradient can never make the factorisation fail (GaLore's users hit this)."""
+    """An orthonormal (m, r) basis of A's (m, n) top-r left singular subspace, in float32, by a
+    randomized range finder (Halko, Martinsson, Tropp 2011, algorithms 4.4 and 5.1): sketch A with
+    r + p random directions, sharpen by power iterations re-orthonormalised by QR (so small singular
+    values survive float32), then SVD the small Q^T A: O(m n r), not a full SVD's O(m n min(m, n)).
+    exact=True: torch.linalg.svd. NaN and Inf read as 0, so a bad gradient cannot break it (GaLore's can)."""
     A = torch.nan_to_num(A.float(), nan=0.0, posinf=0.0, neginf=0.0)
     m, n = A.shape
     r = min(r, m, n)
@@ -500,10 +469,9 @@ def add_projected_back(W, N, P, right, alpha):
 # -----------------------------------------------------------------------------
 # 4. The shared gradient space (method.md §4)
 #
-# A space S (d, k), orthonormal columns, lives on a side of the matrix that keeps its meaning
-# across projector refreshes and tasks: the m (output) side of a right-projected W, the n
-# (input) side of a left-projected W, and the input side d_in of a LoRA A. Everything below
-# works on "column form": a matrix whose columns are vectors of that d-dimensional side.
+# A space S (d, k), orthonormal columns, lives on a side of the matrix that keeps its meaning across
+# projector refreshes and tasks: W's m side if right-projected, its n side if left, a LoRA A's d_in.
+# Below, "column form" is a matrix whose columns are vectors of that d-dimensional side.
 
 
 def remove_space(X, S):
@@ -512,28 +480,20 @@ def remove_space(X, S):
 
 
 def grow_space(S, M, threshold):
-    """GPM's rule. M (d, c) is the finished task's first moment in column form. Add the fewest
-    top singular directions of M's part outside S such that S then captures at least
-    `threshold` of ||M||_F^2; re-orthonormalise; never exceed d."""
+    """GPM's rule: add to S the fewest top singular directions of M's (d, c) part outside it, M the
+    finished task's first moment in column form, for S to capture `threshold` of ||M||_F^2."""
     M = M.float()
-    total = M.pow(2).sum()
-    if S is None:
-        S = M.new_zeros(M.size(0), 0)
-    if total == 0 or S.size(1) >= M.size(0):
-        return S
-    residual = remove_space(M, S)
-    captured = total - residual.pow(2).sum()  # energy already explained by earlier tasks
-    need = threshold * total - captured
-    if need <= 0:
-        return S  # the space already holds this task's directions: add nothing twice
+    S = M.new_zeros(M.size(0), 0) if S is None else S
+    residual = remove_space(M, S)  # (d, c)
+    need = residual.pow(2).sum() - (1 - threshold) * M.pow(2).sum()  # energy S must still capture
+    if need <= 0 or S.size(1) >= M.size(0):
+        return S  # already captured (or nothing to capture): add nothing twice
     U, sv, _ = torch.linalg.svd(residual, full_matrices=False)
     k = int((sv.pow(2).cumsum(0) < need).sum()) + 1  # fewest top directions reaching the threshold
-    room = M.size(0) - S.size(1)
-    if k >= room:
+    if k >= M.size(0) - S.size(1):
         warnings.warn(f"shared space is full: all {M.size(0)} directions are now protected")
-        k = room
-    S = torch.linalg.qr(torch.cat([S, U[:, :k]], dim=1))[0]  # (d, k_old + k), orthonormal again
-    return S
+        k = M.size(0) - S.size(1)
+    return torch.linalg.qr(torch.cat([S, U[:, :k]], dim=1))[0]  # (d, k_old + k), orthonormal again
 
 
 @torch.no_grad()
@@ -558,8 +518,7 @@ def input_grams(model, batches):
 
 
 def gram_columns(G):
-    """A matrix with G's energy, direction by direction: U sqrt(L) (d, d) for G = U L U^T. Its
-    singular directions and values are the representation matrix's, so grow_space takes it as is."""
+    """U sqrt(L) for G = U L U^T: the representation matrix's singular directions and values, for grow_space."""
     L, U = torch.linalg.eigh(G.float())
     return U * L.clamp(min=0).sqrt()  # (d, d)
 
@@ -580,18 +539,13 @@ def columns(M, right):
 
 
 class GORP(torch.optim.Optimizer):
-    """Adam with low-rank gradient projection and a shared gradient space. A param group says
-    what its parameters are, with GaLore's keys for the projected ones:
-      - rank (int), update_proj_gap (T), scale (alpha): a full-rank weight trained by Adam in
-        the rank-r projected space of its gradient (method.md §2); exact_svd=True for
-        torch.linalg.svd instead of the hand-rolled factorisation;
-      - shared_space=True: gradients and updates are projected off the parameter's shared
-        space, which grow_shared_space() extends at the end of a task from Adam's first moment
-        (or, for LoRA's A, from its layer's inputs: space_from=inputs). On a group without rank
-        this is LoRA's A (the space lives on its input side, §3);
-      - neither: plain Adam, or AdamW with weight_decay > 0, step for step as torch's AdamW.
-    Weight decay, where set, is decoupled and never acts inside the shared space.
-    All state is tensors, ints and bools, so state_dict() loads with weights_only=True."""
+    """Adam with low-rank gradient projection and a shared gradient space. A param group is one of:
+      - rank, update_proj_gap (T), scale (alpha), GaLore's keys: a full-rank weight trained by Adam in
+        its gradient's rank-r projection (method.md §2); exact_svd=True: torch.linalg.svd, not top_r_basis;
+      - shared_space=True: gradients and updates kept off the parameter's shared space, which
+        grow_shared_space() extends at a task's end; on a group without rank, LoRA's A (§3);
+      - neither: plain Adam, or AdamW with weight_decay, step for step as torch's AdamW.
+    Weight decay never acts inside the shared space. State is tensors, ints and bools (weights_only)."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rank=None,  # GaLore's
@@ -611,13 +565,8 @@ class GORP(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if group["rank"]:
-                    self._projected_step(p, group)
-                else:
-                    self._adam_step(p, group)
+            for p in [p for p in group["params"] if p.grad is not None]:
+                (self._projected_step if group["rank"] else self._adam_step)(p, group)
         return loss
 
     def _adam_direction(self, state, R, group):
@@ -684,19 +633,14 @@ class GORP(torch.optim.Optimizer):
     # -- the shared space across tasks
 
     def grow_shared_space(self, threshold=0.9, inputs=None):
-        """At the end of a task: grow every shared-space parameter's basis from its Adam first
-        moment (method.md §4), or, for a LoRA A in `inputs` ({param: (d_in, c) columns}), from its
-        layer's inputs. The moment was built with the space taken out, so the threshold reads as a
-        share of what is new in the task (a moment of the gradient before, GPM's reading, measured
-        alike on SmolLM2; results/README.md). Returns {param: dimension of its space}."""
+        """At a task's end, grow each shared space from its parameter's Adam first moment (method.md §4)
+        or, for a LoRA A in `inputs` ({param: (d_in, c) columns}), its layer's inputs. The moment was
+        built off the space, so the threshold is a share of what is new in the task (the gradient's,
+        GPM's reading, measured alike; results/README.md). Returns {param: dimension of its space}."""
         sizes, inputs = {}, inputs or {}
-        for group in self.param_groups:
-            if not group["shared_space"]:
-                continue
-            for p in group["params"]:
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    continue  # never stepped in this task: nothing learned to protect
+        for p in [p for group in self.param_groups if group["shared_space"] for p in group["params"]]:
+            state = self.state[p]
+            if "exp_avg" in state:  # else never stepped in this task: nothing learned to protect
                 right = state.get("proj_right", False)  # a LoRA A (r, d_in) keeps its space like a left W
                 M = inputs[p] if p in inputs else columns(state["exp_avg"], right)
                 state["space"] = grow_space(state.get("space"), M, threshold)
@@ -705,15 +649,11 @@ class GORP(torch.optim.Optimizer):
 
     @torch.no_grad()
     def start_adapters_off_spaces(self):
-        """method.md §5b: a fresh adapter's A0 starts off its layer's shared space too
-        (A0 <- A0 - A0 S S^T). Only A's updates are kept off S, so B A0 would still act on the
-        protected inputs about as much as on any other subspace of their size."""
-        for group in self.param_groups:
-            if group["shared_space"] and not group["rank"]:
-                for p in group["params"]:
-                    S = self.state[p].get("space")
-                    if S is not None:
-                        p.copy_(remove_space(p.float().t(), S).t())  # (r, d_in)
+        """method.md §5b: a fresh adapter's A0 starts off its layer's shared space too (A0 - A0 S S^T):
+        with only A's updates kept off S, B A0 would act on the protected inputs as on any others."""
+        for group in [g for g in self.param_groups if g["shared_space"] and not g["rank"]]:
+            for p in [p for p in group["params"] if "space" in self.state[p]]:
+                p.copy_(remove_space(p.float().t(), self.state[p]["space"]).t())  # (r, d_in)
 
     def shared_spaces(self):
         """{param: S} to carry into the next task's optimizer."""
