@@ -729,10 +729,12 @@ def read_checkpoint(path_or_name):
     hf = read_hf_config(folder, path_or_name)
     sd = read_hf_weights(folder)
     stored = ", ".join(sorted({str(v.dtype).replace("torch.", "") for v in sd.values()}))
-    if hf.get("model_type") == "gpt2":
-        config = GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
-        return config, gpt2_to_gorp(sd), stored
+    if hf["model_type"] == "gpt2":  # its Conv1D linears store weight (in, out); mask buffers and the tied head go
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        sd = {"transformer." + k.removeprefix("transformer."): v.t().contiguous() if k.endswith(conv1d) else v
+              for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))}
+        return GPTConfig(block_size=hf.get("n_positions", hf.get("n_ctx", 1024)), vocab_size=hf["vocab_size"],
+                         n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True), sd, stored
     return llama_config(hf, folder), {k: v for k, v in sd.items() if not k.endswith("rotary_emb.inv_freq")}, stored
 
 
@@ -787,20 +789,12 @@ def read_hf_weights(folder):
     raise FileNotFoundError(f"{folder} holds neither model.safetensors (or its shards) nor pytorch_model.bin")
 
 
-def gpt2_to_gorp(sd):
-    """A Hugging Face GPT-2 state dict in GPT's names. Its Conv1D linears store weight (in, out), so
-    those four are transposed; the causal-mask buffers, and the head tied to wte, are left out."""
-    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-    return {"transformer." + k.removeprefix("transformer."): v.t().contiguous() if k.endswith(conv1d) else v
-            for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias", "lm_head.weight"))}
-
-
 # GGUF: llama.cpp's names for the tensors of a LLaMA block, and Hugging Face's
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 GGUF_BLOCK_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
                     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                    "attn_output": "self_attn.o_proj",
-                    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+                    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                    "ffn_down": "mlp.down_proj"}
 
 
 def open_gguf(path):
@@ -974,30 +968,20 @@ def hf_split_pattern(pre, path):
     raise ValueError(f"{path}: pre-tokenizer {' + '.join(kinds) or 'none'} cannot be written as one tiktoken regex")
 
 
-def byte_alphabet():
-    """GPT-2's map from bytes to printable characters, in which byte-level vocabularies are written."""
-    spans = (("!", "~"), ("¡", "¬"), ("®", "ÿ"))
-    printable = [b for lo, hi in spans for b in range(ord(lo), ord(hi) + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
-
-
 def bpe_encoding(name, vocab, specials, merges, pattern, end_token, bos_token):
     """A tiktoken.Encoding from a byte-level vocabulary {token: id}, its special tokens and merges."""
     import tiktoken
-    to_byte = {c: b for b, c in byte_alphabet().items()}
-    previous = -1
-    for a, b in merges:  # tiktoken's rule equals BPE's only if each merge makes a later id
-        if vocab.get(a + b, -1) <= previous:
-            raise ValueError(f"{name}: its token ids do not follow its merge order ({a!r} + {b!r}), "
-                             "which tiktoken needs")
-        previous = vocab[a + b]
-    ranks = {}
-    for token, i in vocab.items():
-        if all(ch in to_byte for ch in token):
-            ranks[bytes(to_byte[ch] for ch in token)] = i
-        else:  # a token outside the byte alphabet can only be a special one
-            specials[token] = i
+    ids = [vocab.get(a + b, -1) for a, b in merges]
+    for (a, b), made, before in zip(merges, ids, [-1] + ids):  # tiktoken's rule is BPE's if each merge makes a later id
+        if made <= before:
+            raise ValueError(f"{name}: its ids do not follow its merge order ({a!r} + {b!r}), which tiktoken needs")
+    # GPT-2's alphabet writes a byte as itself where printable, else as chr(256 + its place among the others)
+    printable = [b for lo, hi in ((33, 126), (161, 172), (174, 255)) for b in range(lo, hi + 1)]
+    others = [b for b in range(256) if b not in printable]
+    to_byte = {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+    in_alphabet = {t: i for t, i in vocab.items() if all(ch in to_byte for ch in t)}
+    specials.update({t: i for t, i in vocab.items() if t not in in_alphabet})  # no byte string: only a special token
+    ranks = {bytes(to_byte[ch] for ch in t): i for t, i in in_alphabet.items()}
     enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
     enc.end_token, enc.bos_token = end_token, bos_token
     return enc
