@@ -455,17 +455,6 @@ def projects_right(shape):
     return shape[0] >= shape[1]
 
 
-def project(G, P, right):
-    return G @ P.t() if right else P.t() @ G  # (m, r) or (r, n)
-
-
-def add_projected_back(W, N, P, right, alpha):
-    """W += alpha * (N P) or alpha * (P N), as one fused multiply-add with no (m, n) temporary:
-    a full-rank weight is read and written once per step, no more."""
-    N, P = N.to(W.dtype), P.to(W.dtype)
-    W.addmm_(*((N, P) if right else (P, N)), alpha=alpha)  # (m, r) @ (r, n)
-
-
 # -----------------------------------------------------------------------------
 # 4. The shared gradient space (method.md §4)
 #
@@ -597,9 +586,12 @@ class GORP(torch.optim.Optimizer):
             # basis: carrying them into the new one moved nothing measurable (results/README.md)
             state["proj"] = basis.t() if right else basis  # (r, n) or (m, r)
         P = state["proj"]
-        N, S = self._adam_off_space(state, project(G, P, right), group, right)  # (m, r) or (r, n)
+        R = G @ P.t() if right else P.t() @ G  # (m, r) or (r, n): the gradient in the projected space
+        N, S = self._adam_off_space(state, R, group, right)  # (m, r) or (r, n)
         self._decay(p, group, S, right)
-        add_projected_back(p, N, P, right, alpha=-group["lr"] * group["scale"])  # effective lr = lr * scale
+        # back to (m, n) as one fused W += alpha N P, no (m, n) temporary: W is read and written once a step
+        N, P = N.to(p.dtype), P.to(p.dtype)
+        p.addmm_(*((N, P) if right else (P, N)), alpha=-group["lr"] * group["scale"])  # effective lr = lr * scale
 
     def _adam_off_space(self, state, R, group, right):
         """(Adam's direction for the gradient R, S): where the group has a shared space S (method.md §2.3),
