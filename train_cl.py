@@ -239,12 +239,10 @@ def pick_device(c):
 
 
 def set_precision(c, width):
-    """Choose the autocast dtype for a model `width` wide; returns the choice in words. auto:
-    bfloat16 on a GPU that has it, and on a CPU that multiplies it natively (AVX512_BF16, AMX, ARM's
-    BF16; read from its flags, so one machine always chooses alike) when the model is 512 or more
-    wide: narrower, casts eat the faster matmuls (the toy's GPT gains 1.1x, SmolLM2 2.1x; bench.py),
-    and bfloat16's rounding would move the toy's chaotic results. Weights and optimizer state stay
-    float32. Where bfloat16 is emulated it is far slower, so auto keeps float32 there."""
+    """The autocast dtype for a model `width` wide, and the choice in words. auto: bfloat16 on a GPU
+    that has it, and on a CPU with native bfloat16 (its flags: AVX512_BF16, AMX, ARM's BF16) for models
+    512 or more wide; narrower, casts eat the gain (toy 1.1x, SmolLM2 2.1x; bench.py). Where bfloat16
+    is emulated it is far slower: float32. Weights and optimizer state stay float32 either way."""
     device, dtype, why = c["_device"], c["dtype"], ""
     if dtype == "auto":
         if device.type == "cuda":
@@ -308,10 +306,9 @@ def prepare_model(c, spec, base_state, model_args):
 
 @torch.no_grad()
 def hold_frozen_in_autocast_dtype(c, model):
-    """Under bfloat16 (or float16) autocast, every frozen matrix is held in that dtype: half the
-    memory, and no copy cast at every forward and kept for the backward pass. Trained weights keep
-    their float32 master copies, and so do embeddings and norms, whose outputs feed the float32
-    residual stream; a finished adapter stays beside its bfloat16 W (LoRALinear.merge)."""
+    """Under bfloat16 (or float16) autocast, every frozen matrix is held in that dtype: half the memory,
+    and no cast copy made every forward and kept for the backward. Trained weights, embeddings and norms
+    (which feed the float32 residual stream) stay float32; finished adapters stay beside a bfloat16 W."""
     if c["_dtype"] == "float32":
         return
     for m in model.modules():
@@ -349,11 +346,10 @@ class NonFinite(RuntimeError):
 
 
 def train_task(c, model, opt, examples, spec, task_name, log):
-    """One task: epochs over its examples in seeded random order. Returns (tokens, seconds).
-    Each step's global batch is split across torchrun's processes (every world-th example) and into
-    grad_accum micro-batches; each micro-batch's mean loss is weighted by its share of the global
-    batch's answer tokens (times world, since DDP averages), so the summed gradient is the global
-    batch's mean loss's, however it is split."""
+    """One task: epochs over its examples in seeded random order; returns (tokens, seconds). A step's
+    batch is split across torchrun's processes and into grad_accum micro-batches, each loss weighted by
+    its share of the batch's answer tokens (times world: DDP averages), so however it is split the
+    summed gradient is the whole batch's mean loss's."""
     model.train()
     rank, world, accum = c["_rank"], c["_world"], c["grad_accum"]
     forward = torch.compile(model) if c["compile"] else model
@@ -622,9 +618,8 @@ def main(argv, log=print):
     if c["plot"] and c["_rank"] == 0:
         report.plot_results(all_results, os.path.join(c["out_dir"], "forgetting.png"), log)
     if dist.is_initialized():
-        # DDP keeps the process group and its gloo threads alive after destroy_process_group. A thread
-        # that releases a finished collective's tensors while Python shuts down aborts the process, so the
-        # last collective is a barrier, which holds no tensors, once every process has finished its work
+        # DDP's gloo threads outlive destroy_process_group; one releasing a finished collective's tensors at
+        # shutdown aborts the process, so the last collective is a barrier, which holds no tensors
         dist.barrier()
         dist.destroy_process_group()
     return all_results
