@@ -840,9 +840,10 @@ def unpermute_rotary(w, n_head):
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-# Tokenizers: byte-level BPE vocabularies (GPT-2, SmolLM2, Llama 3, Qwen2.5) as tiktoken encodings.
-# tiktoken merges the pair whose joined token has the lowest id, so a vocabulary is expressible
-# when its ids follow its merge order, as these do (checked when one is built).
+# Tokenizers: GPT-2's, and a GGUF's byte-level BPE (SmolLM2, Llama 3, Qwen2.5), as tiktoken encodings;
+# tiktoken merges the pair whose joined token has the lowest id, so a vocabulary is expressible when
+# its ids follow its merge order, as these do (checked when one is built). A Hugging Face folder's
+# tokenizer.json is read by Hugging Face's own tokenizers library.
 
 GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 # SmolLM2's tokenizer first isolates every digit, then splits as GPT-2; in one regex: a digit is
@@ -855,10 +856,9 @@ GGUF_SPLITS = {"gpt-2": GPT2_SPLIT, "smollm": DIGITS_SPLIT, "llama-bpe": LLAMA3_
 
 
 def load_tokenizer(path_or_name="gpt2"):
-    """The model's own tokenizer, a tiktoken.Encoding (or, for a vocabulary tiktoken cannot express,
-    a LibraryTokenizer with the same methods), with two attributes more: end_token, the id that ends
-    an answer (and stops generation), and bos_token, the id put before every prompt (or None).
-    GPT-2, and the small models made here, use tiktoken's own "gpt2" encoding."""
+    """The model's own tokenizer, a tiktoken.Encoding (or a LibraryTokenizer with its methods), with two
+    attributes more: end_token, the id that ends an answer (and stops generation), and bos_token, the
+    id put before every prompt (or None). GPT-2, and the GPTs made here, use tiktoken's "gpt2"."""
     import tiktoken
     path = path_or_name if path_or_name in GPT2_NAMES else resolve(path_or_name)
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
@@ -893,8 +893,8 @@ def gguf_tokenizer(path):
 
 
 def hf_tokenizer(folder):
-    """A Hugging Face tokenizer.json with tokenizer_config.json's end token: a byte-level BPE as a
-    tiktoken encoding, anything else (LLaMA-2's SentencePiece BPE) through the tokenizers library."""
+    """A Hugging Face tokenizer.json, with the end token tokenizer_config.json (else config.json) names
+    and the begin token its template puts first."""
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder} has no tokenizer.json")
@@ -914,20 +914,14 @@ def hf_tokenizer(folder):
     post = tok.get("post_processor") or {}  # Llama 2 and 3 put their begin token first by a template
     first = (post.get("single") or [{}])[0] if post.get("type") == "TemplateProcessing" else {}
     bos = specials.get(first["SpecialToken"]["id"]) if "SpecialToken" in first else None
-    if tok["model"].get("type") != "BPE" or "ByteLevel" not in json.dumps(tok.get("decoder")):
-        return LibraryTokenizer(path, end, bos)
-    vocab = {t: i for t, i in tok["model"]["vocab"].items() if t not in specials}
-    merges = [m.split(" ") if isinstance(m, str) else m for m in tok["model"].get("merges", [])]
-    return bpe_encoding(os.path.basename(folder.rstrip("/")), vocab, specials, merges,
-                        hf_split_pattern(tok.get("pre_tokenizer"), path), end, bos)
+    return LibraryTokenizer(path, end, bos)
 
 
 class LibraryTokenizer:
-    """A tokenizer.json tiktoken cannot express (LLaMA-2's SentencePiece BPE with byte fallback, which
-    writes a space as a word's leading U+2581), read by Hugging Face's tokenizers library (imported
-    only here), behind tiktoken's interface. encode_ordinary gives the library's ids for text as it
-    reads after a newline, so the pieces of a prompt encoded apart join as the whole text would,
-    where the library alone would start every piece with a word boundary of its own."""
+    """A tokenizer.json read by Hugging Face's tokenizers library (imported only here), behind tiktoken's
+    interface. encode_ordinary gives the library's ids for text as it reads after a newline, so the
+    pieces of a prompt encoded apart join as the whole text would, where a SentencePiece tokenizer
+    (LLaMA-2's, writing a space as a word's leading U+2581) would start each with a word of its own."""
 
     def __init__(self, path, end_token, bos_token):
         from tokenizers import Tokenizer
@@ -944,20 +938,6 @@ class LibraryTokenizer:
 
     def decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def hf_split_pattern(pre, path):
-    """The one regex tiktoken splits text with, from a tokenizer.json pre_tokenizer: GPT-2's
-    ByteLevel, SmolLM2's Digits then ByteLevel, or Llama 3's and Qwen2's Split then ByteLevel."""
-    steps = pre.get("pretokenizers", [pre]) if pre else []
-    kinds = [s["type"] for s in steps]
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return GPT2_SPLIT
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return DIGITS_SPLIT
-    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True) and "Regex" in steps[0]["pattern"]:
-        return steps[0]["pattern"]["Regex"]
-    raise ValueError(f"{path}: pre-tokenizer {' + '.join(kinds) or 'none'} cannot be written as one tiktoken regex")
 
 
 def bpe_encoding(name, vocab, specials, merges, pattern, end_token, bos_token):

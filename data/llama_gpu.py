@@ -1,9 +1,9 @@
 # The paper's LLaMA-2 protocol as its authors released it (method.md section 5), for one GPU:
 #   python train_cl.py data/llama_gpu.py --init_from=path/to/Llama-2-7b-hf --order=1
-# Llama-2's SentencePiece tokenizer reads through Hugging Face's tokenizers library
-# (pip install tokenizers); a Llama 3.x folder runs with the same file. This configuration has not
-# been run on a GPU for this project: the memory it needs is the estimate train_cl.py prints at
-# the start (README.md, "The paper's LLaMA setting on one GPU").
+# The folder's tokenizer.json (Llama-2's SentencePiece, or Llama 3.x's BPE) reads through Hugging
+# Face's tokenizers library (pip install tokenizers); a Llama 3.x folder runs with the same file.
+# This configuration has not been run on a GPU for this project: the memory it needs is the
+# estimate train_cl.py prints at the start (README.md, "The paper's LLaMA setting on one GPU").
 data_dir = "../shared/CL_Benchmark"  # O-LoRA's CL_Benchmark folder
 max_train = 0  # the benchmark's full training data, as the paper trains
 max_test = 0  # and its full test sets
