@@ -865,7 +865,7 @@ def load_tokenizer(path_or_name="gpt2"):
     if path.endswith(".gguf"):
         return gguf_tokenizer(path)
     if path_or_name not in GPT2_NAMES and read_hf_config(folder, path_or_name)["model_type"] != "gpt2":
-        return hf_tokenizer(folder)
+        return LibraryTokenizer(folder)
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline, and not yet cached: say where the files can come from
@@ -876,6 +876,8 @@ def load_tokenizer(path_or_name="gpt2"):
 
 
 def gguf_tokenizer(path):
+    """A GGUF's byte-level BPE vocabulary as a tiktoken.Encoding."""
+    import tiktoken
     _, meta = open_gguf(path)
     model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "gpt-2")
     if model != "gpt2":
@@ -884,48 +886,57 @@ def gguf_tokenizer(path):
     if pre not in GGUF_SPLITS:
         raise ValueError(f"{path}: pre-tokenizer {pre!r} is not known here (known: {', '.join(GGUF_SPLITS)})")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    normal = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind == 1}  # 1: normal; 3: control...
+    vocab = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind == 1}  # 1: normal; 3: control...
     specials = {tok: i for i, (tok, kind) in enumerate(zip(tokens, types)) if kind != 1}
-    bos = meta.get("tokenizer.ggml.bos_token_id") if meta.get("tokenizer.ggml.add_bos_token") else None
     merges = [m.split(" ") for m in meta.get("tokenizer.ggml.merges", [])]
-    return bpe_encoding(os.path.basename(path), normal, specials, merges, GGUF_SPLITS[pre],
-                        meta["tokenizer.ggml.eos_token_id"], bos)
-
-
-def hf_tokenizer(folder):
-    """A Hugging Face tokenizer.json, with the end token tokenizer_config.json (else config.json) names
-    and the begin token its template puts first."""
-    path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} has no tokenizer.json")
-    with open(path, encoding="utf-8") as f:
-        tok = json.load(f)
-    specials = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    end, config_path = None, os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            end = json.load(f).get("eos_token")
-    end = specials.get(end["content"] if isinstance(end, dict) else end)
-    if end is None:  # else the model's config names it
-        end = read_hf_config(folder, folder).get("eos_token_id")
-        end = end[0] if isinstance(end, list) else end
-    if end is None:
-        raise ValueError(f"{path}: no end-of-sequence token is named")
-    post = tok.get("post_processor") or {}  # Llama 2 and 3 put their begin token first by a template
-    first = (post.get("single") or [{}])[0] if post.get("type") == "TemplateProcessing" else {}
-    bos = specials.get(first["SpecialToken"]["id"]) if "SpecialToken" in first else None
-    return LibraryTokenizer(path, end, bos)
+    ids = [vocab.get(a + b, -1) for a, b in merges]
+    for (a, b), made, before in zip(merges, ids, [-1] + ids):  # tiktoken's rule is BPE's if each merge makes a later id
+        if made <= before:
+            raise ValueError(f"{path}: its ids do not follow its merge order ({a!r} + {b!r}), which tiktoken needs")
+    # GPT-2's alphabet writes a byte as itself where printable, else as chr(256 + its place among the others)
+    printable = [b for lo, hi in ((33, 126), (161, 172), (174, 255)) for b in range(lo, hi + 1)]
+    others = [b for b in range(256) if b not in printable]
+    to_byte = {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
+    in_alphabet = {t: i for t, i in vocab.items() if all(ch in to_byte for ch in t)}
+    specials.update({t: i for t, i in vocab.items() if t not in in_alphabet})  # no byte string: only a special token
+    ranks = {bytes(to_byte[ch] for ch in t): i for t, i in in_alphabet.items()}
+    enc = tiktoken.Encoding(name=os.path.basename(path), pat_str=GGUF_SPLITS[pre], mergeable_ranks=ranks,
+                            special_tokens=specials)
+    enc.end_token = meta["tokenizer.ggml.eos_token_id"]
+    enc.bos_token = meta.get("tokenizer.ggml.bos_token_id") if meta.get("tokenizer.ggml.add_bos_token") else None
+    return enc
 
 
 class LibraryTokenizer:
-    """A tokenizer.json read by Hugging Face's tokenizers library (imported only here), behind tiktoken's
-    interface. encode_ordinary gives the library's ids for text as it reads after a newline, so the
-    pieces of a prompt encoded apart join as the whole text would, where a SentencePiece tokenizer
-    (LLaMA-2's, writing a space as a word's leading U+2581) would start each with a word of its own."""
+    """A Hugging Face folder's tokenizer.json, read by Hugging Face's tokenizers library (imported only
+    here) behind tiktoken's interface, with the end token tokenizer_config.json (else config.json)
+    names and the begin token its template puts first. encode_ordinary gives the library's ids for text
+    as it reads after a newline, so the pieces of a prompt encoded apart join as the whole text would,
+    where a SentencePiece tokenizer (LLaMA-2's, writing a space as a word's leading U+2581) would start
+    each with a word of its own."""
 
-    def __init__(self, path, end_token, bos_token):
+    def __init__(self, folder):
         from tokenizers import Tokenizer
-        self.tokenizer, self.end_token, self.bos_token = Tokenizer.from_file(path), end_token, bos_token
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{folder} has no tokenizer.json")
+        with open(path, encoding="utf-8") as f:
+            tok = json.load(f)
+        specials = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+        end, config_path = None, os.path.join(folder, "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                end = json.load(f).get("eos_token")
+        end = specials.get(end["content"] if isinstance(end, dict) else end)
+        if end is None:  # else the model's config names it
+            end = read_hf_config(folder, folder).get("eos_token_id")
+            end = end[0] if isinstance(end, list) else end
+        if end is None:
+            raise ValueError(f"{path}: no end-of-sequence token is named")
+        post = tok.get("post_processor") or {}  # Llama 2 and 3 put their begin token first by a template
+        first = (post.get("single") or [{}])[0] if post.get("type") == "TemplateProcessing" else {}
+        self.bos_token = specials.get(first["SpecialToken"]["id"]) if "SpecialToken" in first else None
+        self.tokenizer, self.end_token = Tokenizer.from_file(path), end
         self.newline = self.tokenizer.encode("\n", add_special_tokens=False).ids
 
     def encode_ordinary(self, text):
@@ -938,22 +949,3 @@ class LibraryTokenizer:
 
     def decode(self, ids):
         return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-
-def bpe_encoding(name, vocab, specials, merges, pattern, end_token, bos_token):
-    """A tiktoken.Encoding from a byte-level vocabulary {token: id}, its special tokens and merges."""
-    import tiktoken
-    ids = [vocab.get(a + b, -1) for a, b in merges]
-    for (a, b), made, before in zip(merges, ids, [-1] + ids):  # tiktoken's rule is BPE's if each merge makes a later id
-        if made <= before:
-            raise ValueError(f"{name}: its ids do not follow its merge order ({a!r} + {b!r}), which tiktoken needs")
-    # GPT-2's alphabet writes a byte as itself where printable, else as chr(256 + its place among the others)
-    printable = [b for lo, hi in ((33, 126), (161, 172), (174, 255)) for b in range(lo, hi + 1)]
-    others = [b for b in range(256) if b not in printable]
-    to_byte = {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
-    in_alphabet = {t: i for t, i in vocab.items() if all(ch in to_byte for ch in t)}
-    specials.update({t: i for t, i in vocab.items() if t not in in_alphabet})  # no byte string: only a special token
-    ranks = {bytes(to_byte[ch] for ch in t): i for t, i in in_alphabet.items()}
-    enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
-    enc.end_token, enc.bos_token = end_token, bos_token
-    return enc
