@@ -579,7 +579,8 @@ class GORP(torch.optim.Optimizer):
     def _projected_step(self, p, group):
         """method.md §2, one full-rank weight W (m, n)."""
         state, G = self.state[p], p.grad.float()
-        right, step = state.setdefault("proj_right", projects_right(G.shape)), state.get("step", 0)  # a plain bool
+        right = state.setdefault("proj_right", projects_right(G.shape))  # a bool, so state_dict stays plain
+        step = state.get("step", 0)
         if step % group["update_proj_gap"] == 0:  # refresh every T steps, counted from the task's start
             basis = top_r_basis(G.t() if right else G, group["rank"], exact=group["exact_svd"], seed=step)
             # Adam's moments are kept through a refresh, as GaLore's and the authors' are, though in the old
